@@ -1,0 +1,8 @@
+"""Benchmark TTT3R frames per second and peak memory against sequence length.
+
+Run from the repository root: `uv run apps/bench-backbone --help`.
+"""
+
+from post3r_backbone.benchmark import main
+
+raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""Benchmark the RoPE2D implementations (torch, torch.compile, Triton) against copy bandwidth.
+
+Run from the repository root: `uv run apps/bench-rope2d --help`.
+"""
+
+from post3r_kernels.benchmark import main
+
+raise SystemExit(main())

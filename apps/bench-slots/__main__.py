@@ -1,0 +1,8 @@
+"""Benchmark the slot pipeline (slot attention, predictor, decoders) forward+backward.
+
+Run from the repository root: `uv run apps/bench-slots --help`.
+"""
+
+from post3r_slots.benchmark import main
+
+raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""Benchmark POST3R training steps per second and peak memory.
+
+Run from the repository root: `uv run apps/bench-train --help`.
+"""
+
+from post3r_train.benchmark import main
+
+raise SystemExit(main())

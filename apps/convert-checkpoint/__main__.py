@@ -1,0 +1,8 @@
+"""Convert an original TTT3R/CUT3R .pth checkpoint to safetensors.
+
+Run from the repository root: `uv run apps/convert-checkpoint --help`.
+"""
+
+from post3r_backbone.convert import main
+
+raise SystemExit(main())

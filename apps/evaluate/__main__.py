@@ -1,0 +1,8 @@
+"""Evaluate a POST3R run or checkpoint on a validation set.
+
+Run from the repository root: `uv run apps/evaluate --help`.
+"""
+
+from post3r_train.evaluate import main
+
+raise SystemExit(main())

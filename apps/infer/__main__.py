@@ -1,0 +1,8 @@
+"""Run a trained POST3R model on a folder of frames or a video file.
+
+Run from the repository root: `uv run apps/infer --help`.
+"""
+
+from post3r_train.infer import main
+
+raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""Train POST3R (the embedded synthetic default when run without arguments).
+
+Run from the repository root: `uv run apps/train --help`.
+"""
+
+from post3r_train.cli import main
+
+raise SystemExit(main())

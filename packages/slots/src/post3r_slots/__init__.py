@@ -1,0 +1,1 @@
+"""post3r_slots."""
