@@ -1,0 +1,121 @@
+"""The contract between the engine and a model: `TrainModule`.
+
+A model subclasses `TrainModule` and implements the steps; the engine does everything else
+(devices, precision, DDP, accumulation, clipping, optimiser, schedule, logging, checkpoints).
+Frozen weights (a pretrained backbone, DINOv2) are marked with `requires_grad_(False)` and never
+reach a checkpoint: the engine saves `trainable_state_dict()` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict does not fit the module: missing, unexpected or mis-shaped keys."""
+
+
+class TrainModule(nn.Module):
+    """Base class for what the engine trains.
+
+    Batches are dicts; the engine moves their tensors to the device (other values are left
+    alone) and runs the steps under autocast. `training_step` runs through DDP's forward, so
+    every trainable parameter must receive a gradient each step (or set
+    `trainer.find_unused_parameters=true`).
+    """
+
+    def training_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss (already the weighted sum) and detached scalar parts for logging."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def validation_step(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
+        """Run the model on a validation batch, update `metrics`, return outputs to visualise."""
+        raise NotImplementedError(f"{type(self).__name__} must implement validation_step")
+
+    def make_metrics(self) -> MetricCollection:
+        """Fresh validation metrics whose states are sums and counts (they sync over DDP)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_metrics")
+
+    def visualize(self, batch: dict, outputs: dict, directory: Path) -> None:
+        """Write images/videos/point clouds for one validation batch into `directory`.
+
+        Called on rank 0 for the first validation batch of every validation. Default: nothing.
+        """
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Trainable parameters plus the buffers of modules that are not frozen.
+
+        A module is frozen when it has parameters and none of them requires a gradient; its
+        parameters and buffers (and those of its children) are left out.
+        """
+        frozen = _frozen_module_names(self)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        buffers = {name for name, _ in self.named_buffers()}
+        return {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if name in trainable or (name in buffers and not _under(name, frozen))
+        }
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor], source: str = "") -> None:
+        """Load weights saved by `trainable_state_dict`, strictly (see `check_state_dict`)."""
+        check_state_dict(self.trainable_state_dict(), state, source or type(self).__name__)
+        self.load_state_dict(dict(state), strict=False)
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str
+) -> None:
+    """Raise `StateDictMismatchError` listing missing, unexpected and mis-shaped keys."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    misshaped = sorted(
+        f"{key}: saved {tuple(given[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(given)
+        if tuple(given[key].shape) != tuple(expected[key].shape)
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{source} does not fit this model (was it saved by a different model or config?)"]
+    groups = {"missing": missing, "unexpected": unexpected, "mis-shaped": misshaped}
+    for title, keys in groups.items():
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+            lines.append(f"  {len(keys)} {title} key(s): {shown}")
+    raise StateDictMismatchError("\n".join(lines))
+
+
+def frozen_state_names(module: nn.Module) -> set[str]:
+    """State-dict keys of `module` that are not part of `trainable_state_dict`."""
+    keep = set(module.trainable_state_dict()) if isinstance(module, TrainModule) else set()
+    return set(module.state_dict()) - keep
+
+
+def _frozen_module_names(module: nn.Module) -> list[str]:
+    frozen = []
+    for name, child in module.named_modules():
+        params = list(child.parameters())
+        if name and params and not any(p.requires_grad for p in params):
+            frozen.append(name)
+    return frozen
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def move_to_device(batch: object, device: torch.device) -> object:
+    """Tensors (in dicts, lists and tuples) moved to `device`; other values left alone."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, list | tuple):
+        moved = [move_to_device(value, device) for value in batch]
+        return moved if isinstance(batch, list) else tuple(moved)
+    return batch
