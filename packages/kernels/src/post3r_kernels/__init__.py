@@ -1,11 +1,30 @@
-"""post3r_kernels: 2D rotary position embedding (RoPE2D) with swappable implementations."""
+"""post3r_kernels: 2D rotary position embedding (RoPE2D) with swappable implementations.
 
+``rope2d(x, positions, base=100.0, impl=None)`` is the one entry point; ``impl`` (or the
+``POST3R_ROPE2D_IMPL`` environment variable) picks ``torch``, ``triton``, ``compiled`` or
+``auto``. Importing this package never imports triton.
+"""
+
+from post3r_kernels.dispatch import (
+    ENV_VAR,
+    Rope2dImpl,
+    auto_impl,
+    register_rope2d_impl,
+    resolve_rope2d_impl,
+    rope2d,
+    rope2d_impls,
+)
 from post3r_kernels.reference import rope2d_torch
+from post3r_kernels.validation import check_rope2d_inputs
 
-
-def rope2d(x, positions, base: float = 100.0, impl: str | None = None):
-    """Temporary entry point: the torch reference. The kernels issue adds the registry and Triton."""
-    return rope2d_torch(x, positions, base)
-
-
-__all__ = ["rope2d", "rope2d_torch"]
+__all__ = [
+    "ENV_VAR",
+    "Rope2dImpl",
+    "auto_impl",
+    "check_rope2d_inputs",
+    "register_rope2d_impl",
+    "resolve_rope2d_impl",
+    "rope2d",
+    "rope2d_impls",
+    "rope2d_torch",
+]
