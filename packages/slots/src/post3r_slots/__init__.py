@@ -1,1 +1,88 @@
-"""post3r_slots."""
+"""post3r_slots: object-centric slot modules on plain tensors.
+
+Slot attention, initialisers, a video processor (corrector + predictor scanned over time),
+POST3R's recurrent slot decoder, feature and pointmap decoders with alpha masks, losses and
+torchmetrics metrics. Shapes: B batch, T frames, N patches, D feature dim, K slots, Ds slot dim.
+"""
+
+from post3r_slots.attention import ResidualMLP, SlotAttention, SlotAttentionOutput
+from post3r_slots.decoders import (
+    FeatureDecoderOutput,
+    MLPDecoder,
+    PointmapDecoder,
+    PointmapDecoderOutput,
+)
+from post3r_slots.initializers import CarriedSlots, CarryOverInit, FixedLearnedInit, GaussianInit
+from post3r_slots.losses import (
+    LossOutput,
+    feature_reconstruction_loss,
+    pointmap_loss,
+    slot_contrastive_loss,
+)
+from post3r_slots.masks import (
+    masks_to_ids,
+    patch_grid_size,
+    patch_masks_to_ids,
+    patch_masks_to_image,
+    resize_masks,
+    slot_point_clouds,
+)
+from post3r_slots.metrics import (
+    OVERLAP_ID,
+    ImageARI,
+    ImageMBO,
+    VideoARI,
+    VideoMBO,
+    adjusted_rand_index,
+    instance_masks_to_ids,
+    mean_best_overlap,
+)
+from post3r_slots.predictor import TransformerPredictor
+from post3r_slots.recurrent import (
+    RecurrentSlotDecoder,
+    RecurrentSlotOutput,
+    RopeDecoderBlock,
+    patch_grid_positions,
+    slot_grid_positions,
+)
+from post3r_slots.video import SlotVideoProcessor, VideoSlots
+
+__all__ = [
+    "OVERLAP_ID",
+    "CarriedSlots",
+    "CarryOverInit",
+    "FeatureDecoderOutput",
+    "FixedLearnedInit",
+    "GaussianInit",
+    "ImageARI",
+    "ImageMBO",
+    "LossOutput",
+    "MLPDecoder",
+    "PointmapDecoder",
+    "PointmapDecoderOutput",
+    "RecurrentSlotDecoder",
+    "RecurrentSlotOutput",
+    "ResidualMLP",
+    "RopeDecoderBlock",
+    "SlotAttention",
+    "SlotAttentionOutput",
+    "SlotVideoProcessor",
+    "TransformerPredictor",
+    "VideoARI",
+    "VideoMBO",
+    "VideoSlots",
+    "adjusted_rand_index",
+    "feature_reconstruction_loss",
+    "instance_masks_to_ids",
+    "masks_to_ids",
+    "mean_best_overlap",
+    "patch_grid_positions",
+    "patch_grid_size",
+    "patch_masks_to_ids",
+    "patch_masks_to_image",
+    "pointmap_loss",
+    "resize_masks",
+    "slot_contrastive_loss",
+    "slot_grid_positions",
+    "slot_point_clouds",
+]
