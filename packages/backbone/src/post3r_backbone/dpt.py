@@ -1,0 +1,102 @@
+"""DPT dense prediction adapter (as in DUSt3R / CUT3R): 4 token layers -> a full-resolution map.
+
+Module names match the original ``DPTOutputAdapter_fix`` so checkpoint keys map one to one,
+including the quirk that ``scratch.layer_rn.{0..3}`` is a second name for ``scratch.layer{1..4}_rn``
+(the same convolutions registered twice, so the state dict lists both).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FeatureFusionBlock(nn.Module):
+    """Adds a refined skip input, refines, upsamples x2 (bilinear, align_corners) and projects."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.out_conv = nn.Conv2d(features, features, 1)
+        self.resConfUnit1 = ResidualConvUnit(features)  # unused in refinenet4, as in the original
+        self.resConfUnit2 = ResidualConvUnit(features)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.out_conv(x)
+
+
+def _scratch(layer_dims: tuple[int, ...], features: int) -> nn.Module:
+    scratch = nn.Module()
+    convs = [nn.Conv2d(dim, features, 3, padding=1, bias=False) for dim in layer_dims]
+    for index, conv in enumerate(convs, start=1):
+        setattr(scratch, f"layer{index}_rn", conv)
+    scratch.layer_rn = nn.ModuleList(convs)  # alias names, kept for checkpoint compatibility
+    for index in range(1, 5):
+        setattr(scratch, f"refinenet{index}", FeatureFusionBlock(features))
+    return scratch
+
+
+class DPTAdapter(nn.Module):
+    """Turns 4 token maps (B, N, C_i) on an (H/p, W/p) grid into a (B, channels, H, W) map."""
+
+    def __init__(
+        self,
+        token_dims: tuple[int, int, int, int],
+        channels: int,
+        patch_size: int = 16,
+        layer_dims: tuple[int, ...] = (96, 192, 384, 768),
+        features: int = 256,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.scratch = _scratch(layer_dims, features)
+        self.head = nn.Sequential(
+            nn.Conv2d(features, features // 2, 3, padding=1),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(features // 2, features // 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(features // 2, channels, 1),
+        )
+        d0, d1, d2, d3 = layer_dims
+        # Bring the 4 token maps to strides 4, 8, 16 and 32 of the image (for p = 16).
+        self.act_postprocess = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(token_dims[0], d0, 1), nn.ConvTranspose2d(d0, d0, 4, stride=4)
+                ),
+                nn.Sequential(
+                    nn.Conv2d(token_dims[1], d1, 1), nn.ConvTranspose2d(d1, d1, 2, stride=2)
+                ),
+                nn.Sequential(nn.Conv2d(token_dims[2], d2, 1)),
+                nn.Sequential(
+                    nn.Conv2d(token_dims[3], d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)
+                ),
+            ]
+        )
+
+    def forward(self, tokens: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        grid = (image_size[0] // self.patch_size, image_size[1] // self.patch_size)
+        maps = [t.transpose(1, 2).unflatten(2, grid) for t in tokens]
+        maps = [
+            rn(post(m))
+            for m, post, rn in zip(maps, self.act_postprocess, self.scratch.layer_rn, strict=True)
+        ]
+        # The stride-32 branch is rounded up for odd grids; crop it to the stride-16 branch.
+        path = self.scratch.refinenet4(maps[3])[:, :, : maps[2].shape[2], : maps[2].shape[3]]
+        path = self.scratch.refinenet3(path, maps[2])
+        path = self.scratch.refinenet2(path, maps[1])
+        path = self.scratch.refinenet1(path, maps[0])
+        return self.head(path)
