@@ -1,16 +1,64 @@
 """The POST3R training engine: a small, plain-PyTorch DDP trainer.
 
-Models implement `TrainModule`; `fit` trains one (single process, or DDP under torchrun /
-`launch`), `evaluate` measures a checkpoint. See docs/distributed.md for multi-GPU and SLURM.
+Models implement `TrainModule`; `fit` trains one (one process, or DDP under torchrun /
+`launch_local`), `evaluate` measures a checkpoint. See docs/distributed.md for multi-GPU,
+multi-node and SLURM use, preemption and exact resume.
 """
 
+from post3r_train.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from post3r_train.engine.config import OptimConfig, TrainerConfig
+from post3r_train.engine.distributed import DistEnv, init_distributed, shutdown_distributed
+from post3r_train.engine.launch import is_worker, launch_local, needs_launch
 from post3r_train.engine.module import StateDictMismatchError, TrainModule, move_to_device
+from post3r_train.engine.rng import seed_everything
+from post3r_train.engine.rundir import RunDir, WandbSettings
+from post3r_train.engine.trainer import (
+    KEY_FIELDS,
+    SKIPPED_KEY,
+    CheckpointWriteError,
+    FitResult,
+    NonFiniteLossError,
+    Trainer,
+    TrainLoaderFactory,
+    ValLoaderFactory,
+    evaluate,
+    fit,
+)
 
 __all__ = [
+    "KEY_FIELDS",
+    "SKIPPED_KEY",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "DistEnv",
+    "FitResult",
+    "NonFiniteLossError",
     "OptimConfig",
+    "RunDir",
     "StateDictMismatchError",
+    "TrainLoaderFactory",
     "TrainModule",
+    "Trainer",
     "TrainerConfig",
+    "ValLoaderFactory",
+    "WandbSettings",
+    "atomic_write",
+    "evaluate",
+    "find_checkpoint",
+    "fit",
+    "init_distributed",
+    "is_worker",
+    "launch_local",
+    "load_checkpoint",
     "move_to_device",
+    "needs_launch",
+    "save_checkpoint",
+    "seed_everything",
+    "shutdown_distributed",
 ]

@@ -1,0 +1,798 @@
+"""The training loop: `fit` trains a `TrainModule`, `evaluate` measures a checkpoint.
+
+One code path serves one process and DDP: collectives are no-ops alone. Each optimiser step
+ends with a single all-reduce that carries the loss, its parts, a non-finite flag, the corrupt-
+sample counter and the stop request (signal or time limit), so every rank takes the same
+decision at the same step boundary. Validation runs the unwrapped module under `no_grad` (no
+collective in the batch loop, so ranks may hold different numbers of batches); the metrics'
+`compute` is the one collective at its end, called on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MetricCollection
+from tqdm.auto import tqdm
+
+from post3r_train.engine.checkpoint import (
+    LAST,
+    find_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    publish_as,
+    save_checkpoint,
+    step_checkpoint_name,
+)
+from post3r_train.engine.config import OptimConfig, TrainerConfig
+from post3r_train.engine.distributed import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_sum,
+    any_rank,
+    broadcast_object,
+    check_ranks_agree,
+    init_distributed,
+    shutdown_distributed,
+)
+from post3r_train.engine.module import TrainModule, move_to_device
+from post3r_train.engine.rng import capture_rng, restore_rng, seed_everything
+from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir_of_checkpoint
+from post3r_train.engine.schedule import lr_factor
+from post3r_train.engine.signals import PreemptionWatch
+
+log = logging.getLogger("post3r_train.engine")
+
+TrainLoaderFactory = Callable[[int], Iterable[dict]]
+"""`factory(start)`: this rank's training batches, skipping the first `start` of its stream."""
+ValLoaderFactory = Callable[[], Iterable[dict]]
+"""`factory()`: this rank's share of the validation set (disjoint across ranks)."""
+
+SKIPPED_KEY = "__skipped__"
+"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch."""
+KEY_FIELDS = ("__key__", "key", "keys", "video_id", "video_ids")
+"""Batch entries that name the samples (reported when a loss is not finite)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient was NaN/inf and `trainer.nan_policy` says stop."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the previous one is intact)."""
+
+
+@dataclass
+class FitResult:
+    """What `fit` did: the step it reached, why it stopped, its last validation metrics."""
+
+    step: int
+    stop_reason: str
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    nan_skipped: int = 0
+    data_skipped: int = 0
+
+
+def fit(
+    module: TrainModule,
+    train_loader: TrainLoaderFactory,
+    val_loader: ValLoaderFactory | None = None,
+    *,
+    trainer: TrainerConfig | None = None,
+    optim: OptimConfig | None = None,
+    seed: int = 0,
+    log_dir: Path | str | None = None,
+    experiment: str = "run",
+    config: Any = None,
+    resume: Path | str | None = None,
+    wandb: WandbSettings | None = None,
+    tensorboard: bool = True,
+    env: DistEnv | None = None,
+) -> FitResult:
+    """Train `module`; the entry point the CLI calls on every rank.
+
+    `log_dir`/`experiment` name the run directory (none: no logs, no checkpoints). `config` is
+    the resolved run config (an OmegaConf node, a dict or YAML text) saved as config.yaml.
+    `resume` is a run directory or checkpoint (`--continue`): training continues from it, in
+    its run directory. `env` is the process group from `init_distributed` (created here and
+    torn down at the end when omitted).
+    """
+    trainer, optim = trainer or TrainerConfig(), optim or OptimConfig()
+    trainer.validate()
+    optim.validate()
+    own_env = env is None
+    env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
+    logger = None
+    try:
+        run, payload = _open_run(env, log_dir, experiment, resume)
+        if run is not None and env.is_main:
+            run.make_folders()
+            if config is not None:
+                run.save_config(_config_yaml(config))
+            resume_step = None if payload is None else int(payload["step"])
+            logger = RunLogger(
+                run,
+                resume_step,
+                tensorboard=tensorboard,
+                wandb=wandb,
+                config=_config_dict(config),
+            )
+        engine = Trainer(module, trainer, optim, env=env, run=run, logger=logger, seed=seed)
+        return engine.fit(train_loader, val_loader, payload)
+    finally:
+        if logger is not None:
+            logger.close()
+        if own_env:
+            shutdown_distributed(env)
+
+
+def evaluate(
+    module: TrainModule,
+    val_loader: ValLoaderFactory,
+    *,
+    checkpoint: Path | str | None = None,
+    trainer: TrainerConfig | None = None,
+    visualize_dir: Path | None = None,
+    env: DistEnv | None = None,
+) -> dict[str, float]:
+    """Validation metrics of `module` (with a checkpoint's trainable weights, if given).
+
+    Under torchrun each rank evaluates its shard and the metrics are combined, so the figures
+    equal a single-process evaluation of the same checkpoint.
+    """
+    trainer = trainer or TrainerConfig()
+    own_env = env is None
+    env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
+    try:
+        module.to(env.device)
+        if checkpoint is not None:
+            path = find_checkpoint(Path(checkpoint))
+            module.load_trainable_state_dict(load_checkpoint(path)["model"], source=str(path))
+        metrics = module.make_metrics().to(env.device)
+        values, _ = run_validation(
+            module,
+            metrics,
+            val_loader,
+            env,
+            precision=trainer.precision_mode,
+            limit=trainer.limit_val_batches,
+            visualize_dir=visualize_dir if env.is_main else None,
+            progress=trainer.progress_bar and env.is_main,
+        )
+        return values
+    finally:
+        if own_env:
+            shutdown_distributed(env)
+
+
+def run_validation(
+    module: TrainModule,
+    metrics: MetricCollection,
+    val_loader: ValLoaderFactory,
+    env: DistEnv,
+    *,
+    precision: str = "32",
+    limit: int | None = None,
+    visualize_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], int]:
+    """Metrics over every rank's validation shard, and the number of corrupt samples skipped.
+
+    The batch loop has no collective, so ranks may hold different numbers of batches;
+    `compute` (a collective) then runs once on every rank.
+    """
+    was_training = module.training
+    module.eval()
+    metrics.reset()
+    skipped = 0
+    batches = val_loader()
+    bar = tqdm(batches, desc="validate", leave=False, disable=not progress, dynamic_ncols=True)
+    with torch.no_grad(), autocast(env.device, precision):
+        for index, batch in enumerate(bar):
+            if limit is not None and index >= limit:
+                break
+            skipped += _pop_skipped(batch)
+            batch = move_to_device(batch, env.device)
+            outputs = module.validation_step(batch, metrics)
+            if index == 0 and visualize_dir is not None:
+                visualize_dir.mkdir(parents=True, exist_ok=True)
+                module.visualize(batch, outputs, visualize_dir)
+    bar.close()
+    values = compute_metrics(metrics)
+    skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=env.device), env).item())
+    module.train(was_training)
+    return values, skipped
+
+
+def compute_metrics(metrics: MetricCollection, prefix: str = "val/") -> dict[str, float]:
+    """`metrics.compute()` (synchronised over ranks) as plain floats; vectors get `_i` suffixes."""
+    with warnings.catch_warnings():
+        # A rank whose shard was empty still joins the sync; its own states are the defaults.
+        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+        raw = metrics.compute()
+    values = {}
+    for name, value in raw.items():
+        flat = torch.as_tensor(value).detach().float().flatten().cpu()
+        if flat.numel() == 1:
+            values[prefix + name] = float(flat[0])
+        else:
+            values.update({f"{prefix}{name}_{i}": float(x) for i, x in enumerate(flat)})
+    return values
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for `trainer.precision` ('32' disables it)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _TrainingStep(nn.Module):
+    """Routes DDP's forward to `training_step`, so gradients are reduced as DDP expects."""
+
+    def __init__(self, module: TrainModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.module.training_step(batch)
+
+
+class _BatchStream:
+    """This rank's training batches from `position` on; a finite loader is restarted there."""
+
+    def __init__(self, factory: TrainLoaderFactory, position: int) -> None:
+        self.factory = factory
+        self.position = position
+        self._batches: Iterator[dict] = iter(factory(position))
+
+    def next(self) -> dict:
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.factory(self.position))
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the train loader yields no batches from position {self.position} on; "
+                    "it must be an endless stream (e.g. WebDataset resampled=True) or restart "
+                    "when called with a start position"
+                ) from None
+        self.position += 1
+        return batch
+
+
+class Trainer:
+    """The state of one training run (module, optimiser, schedule, step) and its loop."""
+
+    def __init__(
+        self,
+        module: TrainModule,
+        trainer: TrainerConfig,
+        optim: OptimConfig,
+        *,
+        env: DistEnv,
+        run: RunDir | None = None,
+        logger: RunLogger | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cfg, self.optim_cfg, self.env = trainer, optim, env
+        self.run, self.logger, self.seed = run, logger, seed
+        self.precision = trainer.precision_mode
+        torch.set_float32_matmul_precision(trainer.matmul_precision)
+        if trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.module = module.to(env.device)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{type(module).__name__} has no parameter that requires a gradient")
+        scale = env.world_size if trainer.scale_lr_with_world_size else 1
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=optim.lr * scale,
+            betas=(optim.betas[0], optim.betas[1]),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        schedule = functools.partial(lr_factor, optim=optim, max_steps=trainer.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "16")
+        self.metrics = module.make_metrics().to(env.device)
+        self.metrics.persistent(True)
+        self.net = self._wrap(_TrainingStep(module))
+        self.step = 0
+        self.nan_skipped = 0
+        self.data_skipped = 0
+        self.val_metrics: dict[str, float] = {}
+        self.checkpoint: Path | None = None
+        self._saved_step: int | None = None
+        self._checked_first_step = False
+
+    # ----------------------------------------------------------------------------------- set-up
+
+    def _wrap(self, net: _TrainingStep) -> nn.Module:
+        if not self.env.distributed:
+            return net
+        frozen = [f"module.{name}" for name in self._frozen_names()]
+        # Frozen weights are loaded identically on every rank: skip their broadcast.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
+        cuda = self.env.device.type == "cuda"
+        return DistributedDataParallel(
+            net,
+            device_ids=[self.env.device.index] if cuda else None,
+            find_unused_parameters=self.cfg.find_unused_parameters,
+            gradient_as_bucket_view=True,
+        )
+
+    def _frozen_names(self) -> list[str]:
+        keep = set(self.module.trainable_state_dict())
+        names = [n for n, p in self.module.named_parameters() if not p.requires_grad]
+        return names + [n for n, _ in self.module.named_buffers() if n not in keep]
+
+    def restore(self, payload: Mapping[str, Any], source: str) -> None:
+        """Load weights, optimiser, schedule, counters and metric state (RNG comes later)."""
+        self.module.load_trainable_state_dict(payload["model"], source=source)
+        saved_params = sum(len(g["params"]) for g in payload["optimizer"]["param_groups"])
+        if saved_params != len(self.params):
+            raise ValueError(
+                f"{source}: its optimiser state covers {saved_params} parameters, the model "
+                f"trains {len(self.params)} (different frozen/trainable split?)"
+            )
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.step = int(payload["step"])
+        self.nan_skipped = int(payload["counters"]["nan_skipped"])
+        self.data_skipped = int(payload["counters"]["data_skipped"])
+        self.val_metrics = dict(payload["metrics"]["values"])
+        states = payload["metrics"]["states"]
+        if len(states) == self.env.world_size:
+            self.metrics.load_state_dict(states[self.env.rank])
+        self._saved_step = self.step
+        self.checkpoint = Path(source)
+
+    def _restore_rng(self, payload: Mapping[str, Any] | None) -> None:
+        if payload is None:
+            return
+        states = payload["rng"]
+        if len(states) == self.env.world_size:
+            restore_rng(states[self.env.rank])
+            return
+        log.warning(
+            "checkpoint was written by %d processes, this run has %d: random streams are "
+            "re-seeded, so the continuation is not bit-identical",
+            len(states),
+            self.env.world_size,
+        )
+        seed_everything(self.seed + 1_000_003 * self.step + self.env.rank)
+
+    # ------------------------------------------------------------------------------------- loop
+
+    def fit(
+        self,
+        train_loader: TrainLoaderFactory,
+        val_loader: ValLoaderFactory | None = None,
+        payload: Mapping[str, Any] | None = None,
+    ) -> FitResult:
+        """Train until `trainer.max_steps`, a preemption signal or `trainer.max_time`."""
+        if payload is None:
+            seed_everything(self.seed + self.env.rank)
+        else:
+            self.restore(payload, payload.get("_source", "checkpoint"))
+        check_ranks_agree(self.step, "the step to start from", self.env)
+        accumulate = self.cfg.accumulate_grad_batches
+        # The loader is created before the RNG is restored: creating it may draw random numbers
+        # (DataLoader seeds), which the original run also drew before its first step.
+        stream = _BatchStream(train_loader, self.step * accumulate)
+        self._restore_rng(payload)
+        self._announce()
+        deadline = None if self.cfg.max_time_s is None else time.monotonic() + self.cfg.max_time_s
+        reason = "max_steps"
+        bar = self._progress_bar()
+        timer = _RateMeter()
+        self.module.train()
+        with PreemptionWatch() as watch:
+            while self.step < self.cfg.max_steps:
+                with timer:
+                    stats = self._train_step(stream, lambda: watch.requested or _past(deadline))
+                self._after_step(stats, timer, bar)
+                if val_loader is not None and self._due(self.cfg.val_check_interval):
+                    self._validate(val_loader)
+                if self._due(self.cfg.checkpoint_every_n_steps):
+                    self._save("periodic")
+                if stats["stop"]:
+                    reason = "max_time" if _past(deadline) else "stop requested by another rank"
+                    reason = f"signal {watch.received}" if watch.requested else reason
+                    self._save(reason)
+                    log.info("stopping at step %d (%s)", self.step, reason)
+                    break
+        if bar is not None:
+            bar.close()
+        check_ranks_agree(self.step, "the step training ended at", self.env)
+        return FitResult(
+            step=self.step,
+            stop_reason=reason,
+            val_metrics=dict(self.val_metrics),
+            run_dir=None if self.run is None else self.run.root,
+            checkpoint=self.checkpoint,
+            nan_skipped=self.nan_skipped,
+            data_skipped=self.data_skipped,
+        )
+
+    def _due(self, interval: int) -> bool:
+        return self.step % interval == 0 or self.step == self.cfg.max_steps
+
+    def _train_step(self, stream: _BatchStream, stop: Callable[[], bool]) -> dict[str, Any]:
+        """One optimiser step over `accumulate_grad_batches` batches; rank-averaged stats."""
+        accumulate = self.cfg.accumulate_grad_batches
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.env.device)
+        parts_sum: dict[str, Tensor] = {}
+        keys: list[Any] = []
+        skipped = samples = 0
+        for index in range(accumulate):
+            batch = stream.next()
+            skipped += _pop_skipped(batch)
+            keys.extend(_batch_keys(batch))
+            samples += _batch_size(batch)
+            batch = move_to_device(batch, self.env.device)
+            # Gradients are all-reduced once per step, on its last batch.
+            defer = self.env.distributed and index < accumulate - 1
+            with self.net.no_sync() if defer else contextlib.nullcontext():
+                with autocast(self.env.device, self.precision):
+                    loss, parts = self.net(batch)
+                _check_loss(loss, self.module)
+                self.scaler.scale(loss.float() / accumulate).backward()
+            loss_sum += loss.detach().float()
+            for name, value in parts.items():
+                value = torch.as_tensor(value, device=self.env.device).detach().float()
+                parts_sum[name] = parts_sum.get(name, 0) + value
+        if not self._checked_first_step:
+            self._check_first_step(sorted(parts_sum))
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        finite = torch.isfinite(loss_sum)
+        if self.precision != "16":  # under fp16 the GradScaler owns overflowing gradients
+            finite = finite & torch.isfinite(grad_norm)
+        names = sorted(parts_sum)
+        local = torch.stack(
+            [
+                loss_sum / accumulate,
+                (~finite).float(),
+                torch.tensor(float(skipped), device=self.env.device),
+                torch.tensor(float(stop()), device=self.env.device),
+                *[parts_sum[name] / accumulate for name in names],
+            ]
+        )
+        total = all_reduce_sum(local, self.env).cpu()
+        world = self.env.world_size
+        stats = {
+            "loss": float(total[0]) / world,
+            "nonfinite": bool(total[1] > 0),
+            "skipped": int(total[2]),
+            "stop": bool(total[3] > 0),
+            "parts": {name: float(total[4 + i]) / world for i, name in enumerate(names)},
+            "grad_norm": float(grad_norm),
+            "samples": samples * world,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        if stats["nonfinite"]:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._handle_nonfinite(keys, stats)
+            self.scaler.update()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.data_skipped += stats["skipped"]
+        return stats
+
+    def _clip_gradients(self) -> Tensor:
+        """Total gradient norm (before clipping, when `gradient_clip_val` is set)."""
+        if self.cfg.gradient_clip_val is not None:
+            return nn.utils.clip_grad_norm_(self.params, self.cfg.gradient_clip_val)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.env.device)
+        return nn.utils.get_total_norm(grads)
+
+    def _check_first_step(self, part_names: list[str]) -> None:
+        """Catch what would otherwise hang or crash DDP later, with a readable message."""
+        self._checked_first_step = True
+        names = all_gather_objects(part_names, self.env)
+        if any(n != names[0] for n in names):
+            raise RuntimeError(f"ranks log different loss parts: {names}; keep the keys fixed")
+        if self.cfg.find_unused_parameters:
+            return
+        unused = [
+            n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None
+        ]
+        if not unused:
+            return
+        message = (
+            f"{len(unused)} trainable parameter(s) got no gradient in the first step: "
+            f"{', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}. DDP needs every "
+            "trainable parameter used each step: freeze them (requires_grad_(False)), remove "
+            "them, or set trainer.find_unused_parameters=true (slower)"
+        )
+        if self.env.distributed:
+            raise RuntimeError(message)
+        log.warning("%s (fine in one process, an error under DDP)", message)
+
+    def _handle_nonfinite(self, keys: list[Any], stats: dict[str, Any]) -> None:
+        step = self.step + 1
+        where = [k for rank_keys in all_gather_objects(keys, self.env) for k in rank_keys]
+        batch_text = ", ".join(map(str, where[:20])) if where else "(batches carry no __key__)"
+        detail = f"loss {stats['loss']}, grad norm {stats['grad_norm']}; batch keys: {batch_text}"
+        if self.cfg.nan_policy == "skip" and self.nan_skipped < self.cfg.max_nan_skips:
+            self.nan_skipped += 1
+            if self.env.is_main:
+                log.warning(
+                    "step %d: non-finite loss or gradient, update skipped (%d/%d): %s",
+                    step,
+                    self.nan_skipped,
+                    self.cfg.max_nan_skips,
+                    detail,
+                )
+            return
+        why = (
+            f"more than trainer.max_nan_skips={self.cfg.max_nan_skips} steps were skipped"
+            if self.cfg.nan_policy == "skip"
+            else "trainer.nan_policy=stop"
+        )
+        kept = f"; the last good checkpoint is {self.checkpoint}" if self.checkpoint else ""
+        raise NonFiniteLossError(
+            f"step {step}: non-finite loss or gradient ({why}): {detail}{kept}"
+        )
+
+    def _after_step(self, stats: dict[str, Any], timer: _RateMeter, bar: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.2e}", refresh=False)
+        if self.step % self.cfg.log_every_n_steps and self.step != self.cfg.max_steps:
+            return
+        steps_per_s = timer.rate()
+        values = {
+            "train/loss": stats["loss"],
+            **{f"train/{name}": value for name, value in stats["parts"].items()},
+            "train/lr": stats["lr"],
+            "train/grad_norm": stats["grad_norm"],
+            "train/steps_per_s": steps_per_s,
+            "train/samples_per_s": steps_per_s * stats["samples"],
+            "train/nan_skipped": float(self.nan_skipped),
+            "data/skipped": float(self.data_skipped),
+        }
+        if self.logger is not None:
+            self.logger.log(self.step, values)
+
+    def _validate(self, val_loader: ValLoaderFactory) -> None:
+        visuals = None
+        if self.run is not None and self.env.is_main:
+            visuals = self.run.visuals / f"step={self.step:06d}"
+        values, skipped = run_validation(
+            self.module,
+            self.metrics,
+            val_loader,
+            self.env,
+            precision=self.precision,
+            limit=self.cfg.limit_val_batches,
+            visualize_dir=visuals,
+            progress=self.cfg.progress_bar and self.env.is_main,
+        )
+        values["val/data_skipped"] = float(skipped)
+        self.val_metrics = values
+        if self.logger is not None:
+            self.logger.log(self.step, values)
+            if visuals is not None and visuals.is_dir():
+                self.logger.log_images(self.step, visuals)
+        if self.env.is_main:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            log.info("step %d validation: %s", self.step, shown)
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _save(self, reason: str) -> None:
+        """Write step=NNNNNN.ckpt and last.ckpt (rank 0); every rank learns the outcome."""
+        if self.run is None or self._saved_step == self.step:
+            return
+        rng = all_gather_objects(capture_rng(), self.env)
+        metric_states = all_gather_objects(_cpu(self.metrics.state_dict()), self.env)
+        error = None
+        path = self.run.checkpoints / step_checkpoint_name(self.step)
+        if self.env.is_main:
+            try:
+                save_checkpoint(path, self._payload(rng, metric_states, reason))
+                publish_as(path, self.run.checkpoints / LAST)
+                prune_checkpoints(self.run.checkpoints, self.cfg.keep_checkpoints)
+            except OSError as exc:
+                error = exc
+        if any_rank(error is not None, self.env):
+            previous = f"{self.checkpoint} is intact" if self.checkpoint else "none was written"
+            cause = f"{type(error).__name__}: {error}" if error else "see rank 0's error"
+            raise CheckpointWriteError(
+                f"writing {path} failed ({cause}); the previous checkpoint {previous}. "
+                "Free disk space (or change --log-dir), then --continue the run"
+            ) from error
+        self._saved_step = self.step
+        self.checkpoint = path
+
+    def _payload(self, rng: list, metric_states: list, reason: str) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data_position": self.step * self.cfg.accumulate_grad_batches,
+            "world_size": self.env.world_size,
+            "model": _cpu(self.module.trainable_state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng,
+            "metrics": {"values": dict(self.val_metrics), "states": metric_states},
+            "counters": {"nan_skipped": self.nan_skipped, "data_skipped": self.data_skipped},
+            "module": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+            "reason": reason,
+            "saved_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+
+    # -------------------------------------------------------------------------------- reporting
+
+    def _announce(self) -> None:
+        if not self.env.is_main:
+            return
+        log.info(
+            "training %s from step %d to %d on %d x %s (precision %s, accumulate %d, lr x%d)",
+            type(self.module).__name__,
+            self.step,
+            self.cfg.max_steps,
+            self.env.world_size,
+            self.env.device.type,
+            self.precision,
+            self.cfg.accumulate_grad_batches,
+            self.env.world_size if self.cfg.scale_lr_with_world_size else 1,
+        )
+
+    def _progress_bar(self) -> Any:
+        if not (self.cfg.progress_bar and self.env.is_main):
+            return None
+        return tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+
+
+class _RateMeter:
+    """Training steps per second, counting only the time spent in training steps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.steps = 0
+        self._start = 0.0
+
+    def __enter__(self) -> _RateMeter:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.steps += 1
+
+    def rate(self) -> float:
+        """Steps per second since the last call (then reset)."""
+        rate = self.steps / self.seconds if self.seconds > 0 else 0.0
+        self.seconds, self.steps = 0.0, 0
+        return rate
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _open_run(
+    env: DistEnv, log_dir: Path | str | None, experiment: str, resume: Path | str | None
+) -> tuple[RunDir | None, dict[str, Any] | None]:
+    """The run directory (created by rank 0, shared by path) and the checkpoint to resume."""
+    payload, run = None, None
+    if resume is not None:
+        path = find_checkpoint(Path(resume))
+        payload = load_checkpoint(path)
+        payload["_source"] = str(path)
+        run = run_dir_of_checkpoint(path)
+        if env.is_main:
+            log.info("resuming from %s (step %d)", path, payload["step"])
+    if run is None and log_dir is not None:
+        root = RunDir.create(Path(log_dir), experiment).root if env.is_main else None
+        run = RunDir(Path(broadcast_object(root, env)))
+    return run, payload
+
+
+def _config_yaml(config: Any) -> str:
+    if isinstance(config, str):
+        return config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(config if OmegaConf.is_config(config) else OmegaConf.create(config))
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None or isinstance(config, str):
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    return dict(config)
+
+
+def _check_loss(loss: Any, module: nn.Module) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(
+            f"{type(module).__name__}.training_step must return (scalar loss tensor, dict of "
+            f"parts); the loss has shape {shape}"
+        )
+
+
+def _pop_skipped(batch: Any) -> int:
+    if isinstance(batch, dict) and SKIPPED_KEY in batch:
+        return int(torch.as_tensor(batch.pop(SKIPPED_KEY)).sum())
+    return 0
+
+
+def _batch_keys(batch: Any) -> list[Any]:
+    if isinstance(batch, dict):
+        for name in KEY_FIELDS:
+            if name in batch:
+                value = batch[name]
+                return list(value) if isinstance(value, list | tuple) else [value]
+    return []
+
+
+def _batch_size(batch: Any) -> int:
+    """Leading size of the batch's first tensor (for samples per second)."""
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+__all__ = [
+    "KEY_FIELDS",
+    "SKIPPED_KEY",
+    "CheckpointWriteError",
+    "FitResult",
+    "NonFiniteLossError",
+    "TrainLoaderFactory",
+    "Trainer",
+    "ValLoaderFactory",
+    "autocast",
+    "compute_metrics",
+    "evaluate",
+    "fit",
+    "run_validation",
+]
