@@ -275,6 +275,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "H=4, D=64 (default: full on a GPU, small on CPU)",
     )
     parser.add_argument(
+        "--shapes", help="instead of --size: 'BT,N,H,D' items separated by ';', e.g. '8,769,12,48'"
+    )
+    parser.add_argument(
         "--dtypes", default="bf16,fp32", help=f"comma-separated: {','.join(DTYPES)}"
     )
     parser.add_argument("--impls", default="torch,compiled,triton", help="comma-separated names")
