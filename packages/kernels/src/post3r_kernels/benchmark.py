@@ -152,7 +152,7 @@ def format_row(case: Case, impl: str, timings: dict[str, Timing]) -> str:
             base_ms = getattr(timings[base], kind) if base in timings else None
             ratios.append(f"{base_ms / ms:6.2f}" if base_ms else f"{'-':>6}")
         return (
-            f"{ms * 1e3:8.1f} {achieved:6.0f} {100 * achieved / case.copy_gbps:5.1f} "
+            f"{ms * 1e3:8.1f} {achieved:6.1f} {100 * achieved / case.copy_gbps:5.1f} "
             + " ".join(ratios)
         )
 
@@ -177,7 +177,7 @@ def available_impls(names: list[str], device: torch.device) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     names = available_impls(args.impls, device)
-    print(describe_device(device), f"| size={args.size} reps={args.reps}")
+    print(describe_device(device), f"| reps={args.reps}")
     print("tokens stored (B, N, H, D), passed as (B, H, N, D) views; bytes: read+write x per pass")
     print(HEADER)
     rows: list[tuple[Case, Timing]] = []
