@@ -73,7 +73,7 @@ def test_auto_picks_triton_for_gpu_tensors_when_installed(registry: list[str]) -
     # The decision reads only device type, dtype and whether triton is importable.
     assert dispatch.auto_impl(gpu_like) == "torch"
     fake_cuda = type("FakeCuda", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
-    expected = "triton" if dispatch.triton_installed() else "torch"
+    expected = "triton" if dispatch.TRITON_INSTALLED else "torch"
     assert dispatch.auto_impl(fake_cuda) == expected  # type: ignore[arg-type]
     fake_cuda.dtype = torch.float64
     assert dispatch.auto_impl(fake_cuda) == "torch"  # type: ignore[arg-type]
@@ -135,15 +135,14 @@ NO_TRITON_SCRIPT = textwrap.dedent(
     """
     import sys
 
+    sys.modules["triton"] = None  # what importlib sees where triton is not installed
     import torch
-    import post3r_kernels
-    from post3r_kernels import dispatch, rope2d
+    import post3r_kernels  # would fail here if the package imported triton eagerly
+    from post3r_kernels import rope2d, resolve_rope2d_impl
 
-    assert "triton" not in sys.modules, "importing post3r_kernels imported triton"
-    sys.modules["triton"] = None  # from here on, triton looks uninstalled
-    dispatch.triton_installed.cache_clear()
     x, pos = torch.randn(1, 2, 3, 8), torch.zeros(1, 3, 2, dtype=torch.long)
     torch.testing.assert_close(rope2d(x, pos), x)
+    assert resolve_rope2d_impl("auto", x) == "torch"
     try:
         rope2d(x, pos, impl="triton")
     except RuntimeError as error:

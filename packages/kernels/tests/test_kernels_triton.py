@@ -28,22 +28,26 @@ def test_triton_kernels_under_interpreter() -> None:
     assert " passed" in result.stdout and " failed" not in result.stdout, report
 
 
-# (name, value) of the kernel's specialised arguments, as a JIT launch on a (B, N, H, D) view of
-# 16-byte aligned bf16 storage would see them (unit head-dim stride, strides divisible by 16).
-_CONSTEXPRS = {"QUARTER": 12, "BLOCK_Q": 16, "BLOCK_N": 16, "BLOCK_H": 8, "x_sd": 1, "o_sd": 1}
+# How a JIT launch on a (B, N, H, D) view of 16-byte aligned storage specialises the arguments:
+# unit head-dim stride, pointers and other strides divisible by 16.
 _DIVISIBLE = ("x_ptr", "out_ptr", "pos_ptr", "x_sb", "x_sh", "x_sn", "o_sb", "o_sh", "o_sn")
 _INT_ARGS = ("n_tokens", "n_heads", "token_blocks", "heads_per_program", "p_sb", "p_sn", "p_sc")
 
 
-@pytest.mark.parametrize(
-    ("backend", "arch", "warp_size"),
-    [("hip", "gfx942", 64), ("hip", "gfx90a", 64), ("cuda", 90, 32)],
-)
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize(
+    ("backend", "arch", "dtype", "quarter", "inverse", "vector_load"),
+    [
+        ("hip", "gfx942", "bf16", 16, False, "global_load_dwordx4"),  # MI300, D = 64
+        ("hip", "gfx90a", "fp32", 12, True, None),  # MI200, D = 48, backward
+        ("cuda", 90, "bf16", 16, False, "ld.global.v4.b32"),  # H100/H200, D = 64
+    ],
+)
 def test_kernel_compiles_for_rocm_and_cuda_without_a_gpu(
-    backend: str, arch, warp_size: int
+    backend: str, arch, dtype: str, quarter: int, inverse: bool, vector_load: str | None
 ) -> None:
-    """Lower the kernel to AMD GCN / PTX on the CPU: catches code that one vendor cannot compile."""
+    """Lower the kernel to AMD GCN / PTX on the CPU: catches code one vendor cannot compile, and
+    checks that the head dim is read with 16-byte vector loads."""
     pytest.importorskip(f"triton.backends.{'amd' if backend == 'hip' else 'nvidia'}")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -54,16 +58,32 @@ def test_kernel_compiles_for_rocm_and_cuda_without_a_gpu(
     if triton_rope2d.interpreter_active():
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     kernel = triton_rope2d._rope2d_kernel
+    warp_size = 64 if backend == "hip" else 32
+    config = triton_rope2d.default_config(quarter, warp_size)
     names = list(kernel.arg_names)
     signature = {name: "constexpr" for name in names}
     signature.update({name: "i32" for name in (*_INT_ARGS, *_DIVISIBLE[3:])})
-    signature.update(x_ptr="*bf16", out_ptr="*bf16", pos_ptr="*i64", log2_freq_step="fp32")
-    constexprs = {(names.index(name),): value for name, value in _CONSTEXPRS.items()}
-    constexprs[(names.index("INVERSE"),)] = backend == "hip"
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in _DIVISIBLE}
-    source = ASTSource(kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget(backend, arch, warp_size))
-    binary = compiled.asm["hsaco" if backend == "hip" else "cubin"]
-    assert len(binary) > 1000
+    signature.update(x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", pos_ptr="*i64", log2_freq_step="fp32")
+    constexprs = {
+        "QUARTER": quarter,
+        "BLOCK_Q": triton.next_power_of_2(quarter),
+        "BLOCK_N": config.block_n,
+        "BLOCK_H": config.block_h,
+        "INVERSE": inverse,
+        "x_sd": 1,
+        "o_sd": 1,
+    }
+    source = ASTSource(
+        kernel,
+        signature,
+        {(names.index(name),): value for name, value in constexprs.items()},
+        {(names.index(name),): [["tt.divisibility", 16]] for name in _DIVISIBLE},
+    )
+    target = GPUTarget(backend, arch, warp_size)
+    compiled = triton.compile(source, target=target, options={"num_warps": config.num_warps})
+    assembly = compiled.asm["amdgcn" if backend == "hip" else "ptx"]
+    assert len(compiled.asm["hsaco" if backend == "hip" else "cubin"]) > 1000
     if backend == "hip":  # only the ROCm device library, no NVIDIA libdevice
         assert "__nv_" not in compiled.asm["llir"]
+    if vector_load:
+        assert vector_load in assembly

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from post3r_kernels import rope2d, rope2d_impls, rope2d_torch
-from post3r_kernels.dispatch import triton_installed
+from post3r_kernels.dispatch import TRITON_INSTALLED
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (B*T, N, H, D): the backbone's encoder (16 heads) and decoder (12 heads), 512x384 / 512x512.
@@ -168,7 +168,7 @@ def available_impls(names: list[str], device: torch.device) -> list[str]:
     if "triton" in names and device.type != "cuda":
         print("note: the triton implementation needs a CUDA or ROCm GPU; timing torch paths only")
         names.remove("triton")
-    elif "triton" in names and not triton_installed():
+    elif "triton" in names and not TRITON_INSTALLED:
         print("note: triton is not installed; timing the torch paths only")
         names.remove("triton")
     return names
@@ -223,15 +223,15 @@ def sweep(args: argparse.Namespace) -> int:
     print(describe_device(device))
     configs = [
         LaunchConfig(block_n, block_h, warps)
-        for block_n in (8, 16, 32)
-        for block_h in (2, 4, 8, 16)
+        for block_n in (16, 32, 64, 128)
+        for block_h in (1, 2, 4, 8)
         for warps in (2, 4, 8)
     ]
     for shape in selected_shapes(args):
         for dtype_name in args.dtypes:
             case = make_case(shape, dtype_name, device)
             measure_copy(case, args.reps, args.warmup)
-            default = default_config(shape[2], shape[3] // 4)
+            default = default_config(shape[3] // 4, 64 if torch.version.hip else 32)
 
             def forward_ms(config: LaunchConfig, case: Case = case) -> float:
                 call = lambda: launch_rope2d(case.x, case.positions, 100.0, config=config)  # noqa: E731
@@ -248,7 +248,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 def describe_device(device: torch.device) -> str:
     versions = f"torch {torch.__version__}"
-    if triton_installed():
+    if TRITON_INSTALLED:
         import triton
 
         versions += f", triton {triton.__version__}"

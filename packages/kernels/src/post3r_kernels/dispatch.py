@@ -53,19 +53,22 @@ def rope2d_impls() -> tuple[str, ...]:
     return (*_REGISTRY, AUTO)
 
 
-@functools.cache
-def triton_installed() -> bool:
-    """Whether the triton package can be imported (checked without importing it)."""
+def _triton_installed() -> bool:
+    """Whether the triton package can be imported, checked without importing it."""
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or half-removed install
         return False
 
 
+# Decided once at import, so that code traced by torch.compile reads a constant.
+TRITON_INSTALLED = _triton_installed()
+
+
 def auto_impl(x: torch.Tensor) -> str:
     """What ``"auto"`` picks for ``x``: Triton on CUDA/ROCm devices (if installed), else torch."""
     on_gpu = x.device.type == "cuda"  # ROCm builds of torch also report "cuda"
-    if on_gpu and x.dtype in TRITON_DTYPES and triton_installed() and "triton" in _REGISTRY:
+    if on_gpu and x.dtype in TRITON_DTYPES and TRITON_INSTALLED and "triton" in _REGISTRY:
         return "triton"
     return "torch"
 
@@ -109,7 +112,7 @@ def rope2d(
 
 
 def _triton_impl(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         raise RuntimeError(
             "impl='triton' needs the triton package, which is not installed here "
             "(torch's Linux CUDA and ROCm wheels bring it); use impl='torch' or 'auto'"

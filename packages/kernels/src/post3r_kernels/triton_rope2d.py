@@ -109,15 +109,22 @@ class LaunchConfig:
     num_warps: int
 
 
-# Programs below which heads are split over several programs to keep every compute unit busy.
+# Fewer programs than this leave compute units idle (and too few bytes in flight to saturate
+# HBM); heads are then split over several programs. AMD's guide asks >= 1024 workgroups on MI300.
 _MIN_PROGRAMS = 1024
 
 
-def default_config(n_heads: int, quarter: int) -> LaunchConfig:
-    """Tile sizes measured on an H200 (see README); the same shapes suit 64-wide AMD wavefronts."""
-    block_q = triton.next_power_of_2(quarter)
-    block_h = min(triton.next_power_of_2(n_heads), max(1, 128 // block_q))
-    return LaunchConfig(block_n=16, block_h=block_h, num_warps=4)
+def default_config(quarter: int, lanes_per_warp: int = 32) -> LaunchConfig:
+    """One head per loop step over a token block of ~8 elements per lane per quarter.
+
+    With one head per step, the cos/sin tiles have exactly the data tile's shape, so no lane
+    computes an angle another lane also computes (with ``block_h`` heads per step, every angle
+    would be evaluated ``block_h`` times); 8 elements per lane make 16-byte bf16 vectors.
+    ``lanes_per_warp`` is 64 on AMD CDNA wavefronts, where the same 4 warps hold twice the lanes.
+    """
+    lanes = 4 * lanes_per_warp
+    block_n = max(16, min(512, 8 * lanes // triton.next_power_of_2(quarter)))
+    return LaunchConfig(block_n=block_n, block_h=1, num_warps=4)
 
 
 def _heads_per_program(n_heads: int, token_programs: int, block_h: int) -> int:
@@ -153,7 +160,7 @@ def launch_rope2d(
     if out.numel() == 0:
         return out
     quarter = head_dim // 4
-    config = config or default_config(n_heads, quarter)
+    config = config or default_config(quarter, 64 if torch.version.hip else 32)
     token_blocks = triton.cdiv(n_tokens, config.block_n)
     heads_per_program = _heads_per_program(n_heads, batch * token_blocks, config.block_h)
     head_groups = triton.cdiv(n_heads, heads_per_program)
@@ -216,6 +223,10 @@ def rope2d_triton(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0)
     return _rope2d_op(x, positions, base, False)
 
 
+# TRITON_INTERPRET=1 at decoration time makes triton.jit return an interpreted function.
+_INTERPRETED = not isinstance(_rope2d_kernel, JITFunction)
+
+
 def interpreter_active() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_rope2d_kernel, JITFunction)
+    """Whether triton runs this module's kernels in its CPU interpreter."""
+    return _INTERPRETED
