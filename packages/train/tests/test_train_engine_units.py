@@ -215,3 +215,17 @@ def test_wandb_missing_gives_the_install_command(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(RuntimeError, match="uv sync --extra wandb"):
         start_wandb(RunDir.create(tmp_path, "exp"), WandbSettings(), {})
+
+
+def test_preemption_watch_records_sigusr1_and_restores_the_handler() -> None:
+    import os
+    import signal
+
+    from post3r_train.engine.signals import PreemptionWatch
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionWatch() as watch:
+        assert not watch.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.received == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -6,6 +6,8 @@ reproducible from a start position, which is what exact resume needs.
 
 Script use (single process, under torchrun, or `--devices N` to launch N workers):
     python train_engine_toy.py --log-dir D --max-steps 6 [--continue RUN] [--sigterm-at 3] ...
+With --resume-after-stop, a run stopped by a signal is continued from its run directory in the
+same process (a preemption and a restart in one launch).
 """
 
 from __future__ import annotations
@@ -185,31 +187,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigterm-at", type=int, help="rank 1 (or 0 alone) signals itself")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--resume-after-stop", action="store_true", help="then --continue")
     args = parser.parse_args(argv)
     if needs_launch(args.devices):
         return launch_local(args.devices, sys.argv[1:], script=__file__)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
-    env = init_distributed("cpu")
+    env = init_distributed("cpu", timeout_s=120)
     try:
-        seed_everything(0)
         signaller = 1 if env.world_size > 1 else 0
-        module = ToyModule(sigterm_at=args.sigterm_at if env.rank == signaller else None)
-        result = fit(
-            module,
-            train_stream(env.rank, env.world_size, 4, step_sleep=args.step_sleep),
-            val_stream(env.rank, env.world_size, args.val_size),
-            trainer=small_trainer(
-                max_steps=args.max_steps, checkpoint_every_n_steps=args.checkpoint_every
-            ),
-            optim=small_optim(),
-            log_dir=args.log_dir,
-            experiment="toy",
-            config={"toy": {"max_steps": args.max_steps}},
-            resume=args.resume,
-            env=env,
-        )
-        print(f"rank {env.rank} finished at step {result.step}: {result.stop_reason}", flush=True)
+        resume = args.resume
+        for attempt in range(2):
+            seed_everything(0)
+            sigterm_at = args.sigterm_at if env.rank == signaller and attempt == 0 else None
+            result = fit(
+                ToyModule(sigterm_at=sigterm_at),
+                train_stream(env.rank, env.world_size, 4, step_sleep=args.step_sleep),
+                val_stream(env.rank, env.world_size, args.val_size),
+                trainer=small_trainer(
+                    max_steps=args.max_steps,
+                    checkpoint_every_n_steps=args.checkpoint_every,
+                    dist_timeout_s=120,
+                ),
+                optim=small_optim(),
+                log_dir=args.log_dir,
+                experiment="toy",
+                config={"toy": {"max_steps": args.max_steps}},
+                resume=resume,
+                env=env,
+            )
+            report = f"rank {env.rank} stopped at step {result.step}: {result.stop_reason}"
+            print(report, flush=True)
+            if result.stop_reason == "max_steps" or not args.resume_after_stop:
+                break
+            resume = result.run_dir
     finally:
         shutdown_distributed(env)
     return 0

@@ -465,7 +465,7 @@ class Trainer:
                 value = torch.as_tensor(value, device=self.env.device).detach().float()
                 parts_sum[name] = parts_sum.get(name, 0) + value
         if not self._checked_first_step:
-            self._check_first_step(sorted(parts_sum))
+            self._check_first_step(sorted(parts_sum), samples)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
         finite = torch.isfinite(loss_sum)
@@ -500,7 +500,10 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update (non-finite, or GradScaler overflow) still advances the schedule.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         self.step += 1
         self.data_skipped += stats["skipped"]
         return stats
@@ -514,9 +517,16 @@ class Trainer:
             return torch.zeros((), device=self.env.device)
         return nn.utils.get_total_norm(grads)
 
-    def _check_first_step(self, part_names: list[str]) -> None:
+    def _check_first_step(self, part_names: list[str], samples: int) -> None:
         """Catch what would otherwise hang or crash DDP later, with a readable message."""
         self._checked_first_step = True
+        if self.env.is_main:
+            log.info(
+                "effective batch: %d samples per step (%d per process x %d processes)",
+                samples * self.env.world_size,
+                samples,
+                self.env.world_size,
+            )
         names = all_gather_objects(part_names, self.env)
         if any(n != names[0] for n in names):
             raise RuntimeError(f"ranks log different loss parts: {names}; keep the keys fixed")
