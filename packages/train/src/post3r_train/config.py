@@ -1,0 +1,369 @@
+"""The whole run configuration: OmegaConf structured dataclasses, YAML loading and overrides.
+
+One schema (`RunConfig`) types every key. A YAML file is merged over it, then `key=value`
+overrides (YAML syntax for values); an unknown key or a value of the wrong type is rejected with
+the key's full name and, for unknown keys, the closest valid key. Keys keep the original POST3R
+names (`model.num_slots`, `dataset.batch_size`, `trainer.max_steps`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from post3r_train.engine import OptimConfig, TrainerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
+ENCODERS = ("patch", "dinov2", "ttt3r")
+TEACHERS = ("dataset", "ttt3r", "none")
+FEATURE_TARGETS = ("encoder", "rgb")
+INITIALIZERS = ("fixed", "gaussian")
+PREDICTORS = ("transformer", "none")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it and the fix."""
+
+
+@dataclass
+class EncoderConfig:
+    """Where the slot module's features come from.
+
+    `patch`: a small trainable CNN on patches (the synthetic default). `dinov2`: a frozen timm ViT
+    (`timm_model`, block `block` tokens before the final norm, CLS and registers dropped, ImageNet
+    normalisation) with weights from `weights` (.safetensors or a .pth/.bin state dict); set
+    `pretrained=false` for random weights (tests only). `ttt3r`: the 3D teacher's encoder tokens
+    (needs `model.teacher.name=ttt3r`).
+    """
+
+    name: str = "patch"
+    # dinov2
+    timm_model: str = "vit_base_patch14_dinov2"
+    weights: str | None = None
+    pretrained: bool = True
+    block: int = 12
+    image_size: int | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # patch
+    patch_size: int = 4
+    hidden_dim: int = 64
+
+
+@dataclass
+class TeacherConfig:
+    """The 3D target: `dataset` (ground-truth pointmaps and poses from the shards), `ttt3r` (the
+    frozen backbone run over each clip) or `none` (no pointmap decoder or loss).
+
+    For `ttt3r`: `checkpoint` is a converted or original TTT3R checkpoint; without one, the
+    architecture `preset` with random weights is used only if `random_weights=true` (tests).
+    """
+
+    name: str = "dataset"
+    checkpoint: str | None = None
+    preset: str = "ttt3r_512"
+    random_weights: bool = False
+    image_size: int = 512
+
+
+@dataclass
+class SlotModuleConfig:
+    """Slot attention (softmax over slots) with a recurrent predictor, as in SlotContrast."""
+
+    initializer: str = "fixed"
+    first_frame_iterations: int = 3
+    input_hidden_dim: int | None = None
+    mlp_hidden_dim: int | None = None
+    predictor: str = "transformer"
+    predictor_heads: int = 4
+    predictor_blocks: int = 1
+
+
+@dataclass
+class FeatureDecoderConfig:
+    """MLP decoder from slots to per-patch targets with alpha masks.
+
+    `target`: `encoder` reconstructs the (frozen) encoder's features; `rgb` reconstructs the
+    frame's pixels of each patch, a fixed target for a trainable encoder.
+    """
+
+    target: str = "encoder"
+    hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+
+
+@dataclass
+class PointmapDecoderConfig:
+    """Per-slot pointmap decoder (XYZ + alpha at `model.decoder_resolution`), pose-conditioned."""
+
+    pose_conditioned: bool = True
+    token_dim: int = 256
+    num_upsamples: int = 4
+    min_channels: int = 32
+
+
+@dataclass
+class ModelConfig:
+    num_slots: int = 7
+    slot_dim: int = 64
+    num_iterations: int = 2
+    decoder_resolution: list[int] = field(default_factory=lambda: [128, 128])
+    learning_rate: float = 4e-4
+    weight_decay: float = 0.0
+    visualize: bool = True
+    visualize_every_n_steps: int | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    slots: SlotModuleConfig = field(default_factory=SlotModuleConfig)
+    feature_decoder: FeatureDecoderConfig = field(default_factory=FeatureDecoderConfig)
+    pointmap_decoder: PointmapDecoderConfig = field(default_factory=PointmapDecoderConfig)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (0 turns a term off, and its decoder is not built).
+
+    The pointmap term is scale-invariant with one scale per clip (the frames keep their relative
+    scale). With a teacher confidence C (TTT3R) and `pointmap_confidence=true` it is DUSt3R's
+    `C·d − confidence_alpha·log C` with C clipped to `max_confidence`: bounded weights, unlike
+    the reference's raw `1 + exp(x)`.
+    """
+
+    feature_weight: float = 1.0
+    pointmap_weight: float = 1.0
+    contrastive_weight: float = 0.5
+    contrastive_temperature: float = 0.1
+    pointmap_confidence: bool = True
+    confidence_alpha: float = 0.2
+    max_confidence: float = 10.0
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated dataset used when `dataset.name=synthetic`: generated once into
+    `dataset.root` (default: ./data/synthetic-<hash of these settings>). The scene knobs are
+    post3r_data's `SynthConfig` fields."""
+
+    num_train_videos: int = 512
+    num_val_videos: int = 32
+    num_frames: int = 8
+    resolution: int = 64
+    seed: int = 0
+    videos_per_shard: int = 32
+    min_objects: int = 3
+    max_objects: int = 6
+    shapes: list[str] = field(default_factory=lambda: ["sphere", "box", "cylinder"])
+    textures: bool = True
+    texture_contrast: float = 0.35
+    object_motion: float = 1.0
+    camera_motion: float = 1.0
+    shadows: bool = True
+    random_lighting: bool = True
+    fov_degrees: float = 50.0
+
+
+@dataclass
+class DatasetConfig:
+    """Shards `<root>/<name>-{train,validation}-NNNNNN.tar` (SlotContrast's naming).
+
+    `root`: the data directory (`--data-dir` sets it). `name`: the shards' dataset prefix
+    (`synthetic`, `ytvis`, `movi_c`, ...); `synthetic` shards are generated when missing.
+    `chunk_size`: frames per training clip. `train_resampling`: draw shards with replacement (an
+    endless stream, SlotContrast's choice) instead of shuffled passes. `val_size`: validation
+    videos to use (null: all). `val_num_frames`: frames per validation video (null: all).
+    `image_size`: frames are resized/cropped to this square size (null: as stored).
+    """
+
+    name: str = "synthetic"
+    root: str | None = None
+    batch_size: int = 8
+    val_batch_size: int = 4
+    num_workers: int = 0
+    chunk_size: int = 4
+    train_resampling: bool = True
+    val_size: int | None = None
+    val_num_frames: int | None = None
+    image_size: int | None = None
+    shuffle_buffer: int = 100
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RunConfig:
+    experiment: str = "post3r"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # lr and weight decay follow the original keys model.learning_rate / model.weight_decay.
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr="${model.learning_rate}",  # type: ignore[arg-type]
+            weight_decay="${model.weight_decay}",  # type: ignore[arg-type]
+        )
+    )
+
+
+def resolve_config_path(name: str | os.PathLike | None) -> Path:
+    """A config given as a path, or as a name in configs/ (`smoke`, `ytvis2021.yaml`)."""
+    if name is None:
+        name = "default"
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(
+        f"config {str(name)!r} not found: give a YAML file path or one of {', '.join(known)}"
+    )
+
+
+def load_config(
+    config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
+    """The schema, merged with the YAML file `config` (default: configs/default.yaml), then with
+    `key=value` overrides; validated. Interpolations are left in (see `resolved`)."""
+    cfg = OmegaConf.structured(RunConfig)
+    path = resolve_config_path(config)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax errors come in several exception types
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    cfg = _merge(cfg, loaded, f"{path}")
+    cfg = _merge(cfg, _parse_overrides(overrides), "override")
+    validate(cfg)
+    return cfg
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. model.num_slots=7)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {error}") from error
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)  # type: ignore[return-value]
+    except ConfigKeyError as error:
+        raise ConfigError(_unknown_key_message(error, source)) from error
+    except ValidationError as error:
+        key = error.full_key or "?"
+        raise ConfigError(
+            f"{source}: bad value for {key}: {str(error.msg).splitlines()[0]}"
+        ) from error
+
+
+def _unknown_key_message(error: ConfigKeyError, source: str) -> str:
+    key = error.full_key or str(error)
+    valid = sorted(flat_keys(OmegaConf.structured(RunConfig)))
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a misspelt last part under the right section
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{source}: unknown config key {key!r}{hint}"
+
+
+def flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every leaf key of `cfg` in dotted form (free-form dicts count as leaves)."""
+    keys = []
+    for key in cfg:
+        full = f"{prefix}{key}"
+        node = cfg._get_node(key)  # avoids resolving interpolations
+        if isinstance(node, DictConfig) and node._metadata.object_type not in (None, dict):
+            keys += flat_keys(node, f"{full}.")
+        else:
+            keys.append(full)
+    return keys
+
+
+def _one_of(value: object, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(value: float | None, key: str) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the types cannot: choices, ranges and combinations, naming the key."""
+    m, d = cfg.model, cfg.dataset
+    _one_of(m.encoder.name, ENCODERS, "model.encoder.name")
+    _one_of(m.teacher.name, TEACHERS, "model.teacher.name")
+    _one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
+    _one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
+    _one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
+    for key in ("num_slots", "slot_dim", "num_iterations", "learning_rate"):
+        _positive(m[key], f"model.{key}")
+    for key in ("batch_size", "val_batch_size", "chunk_size"):
+        _positive(d[key], f"dataset.{key}")
+    if d.num_workers < 0:
+        raise ConfigError(f"dataset.num_workers must be >= 0, got {d.num_workers}")
+    if len(m.decoder_resolution) != 2 or min(m.decoder_resolution) < 1:
+        raise ConfigError(
+            f"model.decoder_resolution must be [height, width], got {list(m.decoder_resolution)}"
+        )
+    if m.encoder.name == "ttt3r" and m.teacher.name != "ttt3r":
+        raise ConfigError(
+            "model.encoder.name=ttt3r uses the TTT3R teacher's encoder tokens: "
+            "also set model.teacher.name=ttt3r"
+        )
+    if m.encoder.name == "patch" and m.feature_decoder.target == "encoder":
+        raise ConfigError(
+            "model.encoder.name=patch is trainable: reconstructing its own features collapses; "
+            "set model.feature_decoder.target=rgb"
+        )
+    if cfg.loss.feature_weight <= 0 and (m.teacher.name == "none" or cfg.loss.pointmap_weight <= 0):
+        raise ConfigError("no reconstruction loss: set loss.feature_weight or loss.pointmap_weight")
+    try:
+        OmegaConf.to_object(cfg.trainer).validate()
+        OmegaConf.to_object(cfg.optim).validate()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A copy with every interpolation replaced by its value (what a run directory records)."""
+    copy = cfg.copy()
+    OmegaConf.resolve(copy)
+    return copy
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(resolved(cfg))
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config to `path` atomically (temp file in the same folder, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(to_yaml(cfg))
+    os.replace(tmp.name, path)
+    return path
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    return OmegaConf.to_object(resolved(cfg).trainer)  # type: ignore[return-value]
+
+
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    return OmegaConf.to_object(resolved(cfg).optim)  # type: ignore[return-value]

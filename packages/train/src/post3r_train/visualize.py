@@ -1,0 +1,206 @@
+"""Pictures of what the slots do: mask overlays (PNG, animated GIF) and per-slot point clouds (PLY).
+
+All writers are atomic (temporary file in the target folder, then rename).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from post3r_slots import slot_point_clouds
+
+
+def palette(num_colors: int) -> np.ndarray:
+    """(num_colors, 3) uint8 distinct colours (golden-ratio hues)."""
+    hues = (np.arange(num_colors) * 0.618033988749895) % 1.0
+    colors = [colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in hues]
+    return (np.array(colors) * 255).round().astype(np.uint8)
+
+
+def overlay(frames: Tensor, masks: Tensor, alpha: float = 0.55) -> np.ndarray:
+    """Frames (T, 3, H, W) in [0, 1] and slot masks (T, K, H, W) -> uint8 (T, H, W, 3) with each
+    pixel tinted by the colour of the slot that wins it."""
+    colors = torch.from_numpy(palette(masks.shape[1])).float() / 255
+    tint = colors[masks.argmax(1).cpu()]  # (T, H, W, 3)
+    image = frames.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)
+    return ((1 - alpha) * image + alpha * tint).mul(255).round().byte().numpy()
+
+
+def _to_uint8(frames: Tensor) -> np.ndarray:
+    return (
+        frames.detach()
+        .float()
+        .cpu()
+        .clamp(0, 1)
+        .permute(0, 2, 3, 1)
+        .mul(255)
+        .round()
+        .byte()
+        .numpy()
+    )
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
+    factor = max(1, int(np.ceil(min_side / min(image.shape[-3:-1]))))
+    return image.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else image
+
+
+def save_png(path: Path, image: np.ndarray) -> Path:
+    return _atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def save_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path:
+    images = [Image.fromarray(frame) for frame in frames]
+    duration = int(1000 / fps)
+
+    def write(tmp: str) -> None:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
+        )
+
+    return _atomic(path, write)
+
+
+def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarray) -> Path:
+    """Binary little-endian PLY with float32 xyz and uint8 rgb per vertex."""
+    xyz = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, np.float32)
+    rgb = colors.detach().cpu().numpy() if isinstance(colors, Tensor) else np.asarray(colors)
+    if rgb.dtype != np.uint8:
+        rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    keep = np.isfinite(xyz).all(axis=1)
+    xyz, rgb = xyz[keep], rgb[keep]
+    vertex = np.empty(
+        len(xyz),
+        dtype=[
+            ("x", "<f4"),
+            ("y", "<f4"),
+            ("z", "<f4"),
+            ("red", "u1"),
+            ("green", "u1"),
+            ("blue", "u1"),
+        ],
+    )
+    for i, axis in enumerate("xyz"):
+        vertex[axis] = xyz[:, i]
+    for i, channel in enumerate(("red", "green", "blue")):
+        vertex[channel] = rgb[:, i]
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {len(vertex)}\n"
+        "property float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
+    )
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(header.encode("ascii"))
+            handle.write(vertex.tobytes())
+
+    return _atomic(path, write)
+
+
+def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Points (P, 3) and colours (P, 3) uint8 of a PLY written by `save_ply`."""
+    data = Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii")
+    count = int(
+        next(line for line in header.splitlines() if line.startswith("element vertex")).split()[-1]
+    )
+    dtype = np.dtype([("xyz", "<f4", 3), ("rgb", "u1", 3)])
+    vertex = np.frombuffer(data[end:], dtype=dtype, count=count)
+    return vertex["xyz"].copy(), vertex["rgb"].copy()
+
+
+def slot_clouds(
+    frames: Tensor, slot_pointmaps: Tensor, masks: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """One video's per-slot clouds: frames (T, 3, H, W), slot pointmaps (T, K, h, w, 3) and masks
+    (T, K, h, w) -> [(points (P, 3), colours (P, 3) in [0, 1]) for each slot]: the pixels a slot
+    wins, at its own predicted XYZ, coloured by the frame."""
+    size = tuple(masks.shape[-2:])
+    colors = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False)
+    colors = colors.permute(0, 2, 3, 1)[None]  # (1, T, h, w, 3)
+    points = slot_point_clouds(slot_pointmaps[None].float(), masks[None].float())[0]
+    rgb = slot_point_clouds(colors, masks[None].float())[0]
+    return list(zip(points, rgb, strict=True))
+
+
+def write_point_clouds(
+    directory: Path, stem: str, clouds: list[tuple[Tensor, Tensor]]
+) -> list[Path]:
+    """`<stem>_slotK.ply` per non-empty slot (frame colours) and `<stem>_slots.ply` (all slots,
+    coloured by slot)."""
+    paths, everything, tints = [], [], []
+    colors = palette(len(clouds))
+    for k, (points, rgb) in enumerate(clouds):
+        if len(points) == 0:
+            continue
+        paths.append(save_ply(directory / f"{stem}_slot{k}.ply", points, rgb))
+        everything.append(points.detach().cpu())
+        tints.append(np.broadcast_to(colors[k], (len(points), 3)))
+    if everything:
+        paths.append(
+            save_ply(directory / f"{stem}_slots.ply", torch.cat(everything), np.concatenate(tints))
+        )
+    return paths
+
+
+def mask_panels(frames: Tensor, masks: dict[str, Tensor]) -> np.ndarray:
+    """One video as (T, H', W', 3): per frame the input, then one overlay per decoder."""
+    columns = [_to_uint8(frames)] + [overlay(frames, m) for m in masks.values()]
+    return _upscale(np.concatenate(columns, axis=2))
+
+
+def write_validation_visuals(
+    batch: dict, outputs: dict, directory: Path, max_videos: int = 4, max_frames: int = 8
+) -> list[Path]:
+    """`masks.png` (rows: videos; per frame the input and each decoder's mask overlay),
+    `masks.gif` (the same, animated over time) and per-slot PLY clouds of the first video."""
+    frames = batch["frames"]
+    if frames.dtype == torch.uint8:
+        frames = frames.float() / 255
+    masks = {
+        key.removesuffix("_image_masks"): value
+        for key, value in outputs.items()
+        if key.endswith("_image_masks")
+    }
+    if not masks:
+        return []
+    videos = min(max_videos, frames.shape[0])
+    panels = [mask_panels(frames[b], {k: m[b] for k, m in masks.items()}) for b in range(videos)]
+    animation = [
+        np.concatenate([panel[t] for panel in panels], axis=0) for t in range(frames.shape[1])
+    ]
+    shown = min(max_frames, frames.shape[1])
+    still = np.concatenate(
+        [np.concatenate(list(panel[:shown]), axis=1) for panel in panels], axis=0
+    )
+    paths = [save_png(directory / "masks.png", still), save_gif(directory / "masks.gif", animation)]
+    if "slot_pointmaps" in outputs:
+        clouds = slot_clouds(frames[0], outputs["slot_pointmaps"][0], outputs["pointmap_masks"][0])
+        paths += write_point_clouds(directory, "video0", clouds)
+    return paths
