@@ -175,3 +175,10 @@ def test_compiled_impl_matches_reference_forward_and_backward() -> None:
     (expected_dx,) = torch.autograd.grad(expected, x, grad)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(dx, expected_dx)
+
+
+def test_dispatch_traces_into_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checks, env var lookup and registry dispatch must not break torch.compile graphs."""
+    monkeypatch.setenv("POST3R_ROPE2D_IMPL", "torch")
+    compiled = torch.compile(lambda x, pos: rope2d(x, pos) * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(X, POS), rope2d(X, POS, impl="torch") * 2)

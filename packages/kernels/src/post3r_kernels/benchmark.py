@@ -4,7 +4,8 @@
 forward+backward of each implementation on model-sized inputs: (B*T, N, H, D) tokens stored as
 the backbone stores q/k, a (B, N, H, D) projection viewed as (B, H, N, D). Figures:
 
-* time (median; on a GPU with a cold L2, a 256 MB buffer is rewritten before every timed call);
+* time: on a GPU the median with a cold L2 (a 256 MB buffer is rewritten before every timed
+  call), on a CPU the fastest call;
 * achieved bandwidth = minimal bytes / time, where minimal bytes are one read and one write of
   the tokens per pass (plus the positions): the floor for any implementation;
 * that bandwidth as a percentage of ``dst.copy_(src)`` of the same size, measured in the same run;
@@ -61,7 +62,8 @@ class Timing:
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms; on a GPU with CUDA events and a flushed L2 cache."""
+    """Wall time of ``fn`` in ms: on a GPU the median over CUDA events with a flushed L2 cache,
+    on a CPU the minimum (least disturbed by other processes)."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
@@ -70,7 +72,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return min(times)  # on a shared CPU the fastest call is the least disturbed one
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
     for start, end in events:
