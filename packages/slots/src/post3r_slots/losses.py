@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -164,16 +165,39 @@ def slot_contrastive_loss(
     return LossOutput(loss, parts)
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the gradient slices that
+    all_gather's backward exchanges between ranks must be (gloo misreads strided ones)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        return gradient.contiguous()
+
+
+def _all_gather_with_gradients(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, in rank order, with gradients flowing back to their ranks."""
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still correct
+        warnings.filterwarnings(
+            "ignore", message=".*all_gather is deprecated", category=FutureWarning
+        )
+        gathered = all_gather(tensor.contiguous())
+    return [_ContiguousGradient.apply(part) for part in gathered]
+
+
 def _info_nce(
     anchors: torch.Tensor, candidates: torch.Tensor, temperature: float, gather: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each anchor (G, T', S, D) against candidates; positive = same index."""
     offset = 0
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_gather
-
         offset = dist.get_rank() * candidates.shape[-2]
-        candidates = torch.cat(all_gather(candidates.contiguous()), dim=-2)
+        candidates = torch.cat(_all_gather_with_gradients(candidates), dim=-2)
     logits = anchors @ candidates.transpose(-2, -1) / temperature  # (G, T', S, S_all)
     num_anchors = anchors.shape[-2]
     labels = torch.arange(num_anchors, device=logits.device) + offset

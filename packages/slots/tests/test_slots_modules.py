@@ -1,0 +1,232 @@
+"""Slot attention, initialisers, predictor, recurrent decoder and the video processor."""
+
+import pytest
+import torch
+
+from post3r_slots import (
+    CarryOverInit,
+    FixedLearnedInit,
+    GaussianInit,
+    RecurrentSlotDecoder,
+    SlotAttention,
+    SlotVideoProcessor,
+    TransformerPredictor,
+    patch_grid_positions,
+    slot_grid_positions,
+)
+
+D, DS = 12, 16
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(("batch", "num_slots"), [(2, 5), (1, 1), (1, 4), (3, 1)])
+def test_slot_attention_shapes_and_masks_sum_to_one(batch, num_slots):
+    attention = SlotAttention(D, DS)
+    slots, masks = attention(torch.randn(batch, num_slots, DS), torch.randn(batch, 9, D))
+    assert slots.shape == (batch, num_slots, DS)
+    assert masks.shape == (batch, num_slots, 9)
+    torch.testing.assert_close(masks.sum(dim=1), torch.ones(batch, 9))
+
+
+def test_slot_attention_is_equivariant_to_permuting_slots():
+    attention = SlotAttention(D, DS, iterations=3)
+    slots, features = torch.randn(2, 6, DS), torch.randn(2, 10, D)
+    permutation = torch.randperm(6)
+    out = attention(slots, features)
+    permuted = attention(slots[:, permutation], features)
+    torch.testing.assert_close(permuted.slots, out.slots[:, permutation])
+    torch.testing.assert_close(permuted.masks, out.masks[:, permutation])
+
+
+def test_slot_attention_iterations_follow_first_frame_flag():
+    attention = SlotAttention(D, DS, iterations=1, first_frame_iterations=2)
+    slots, features = torch.randn(1, 3, DS), torch.randn(1, 5, D)
+    once = attention(slots, features)
+    twice_by_hand = attention(once.slots, features)
+    first = attention(slots, features, first_frame=True)
+    torch.testing.assert_close(first.slots, twice_by_hand.slots)
+    torch.testing.assert_close(attention(slots, features, iterations=2).slots, first.slots)
+
+
+def test_slot_attention_without_mlp_and_bad_settings():
+    attention = SlotAttention(D, DS, mlp_hidden_dim=0)
+    assert attention.mlp is None
+    assert attention(torch.randn(1, 2, DS), torch.randn(1, 4, D)).slots.shape == (1, 2, DS)
+    with pytest.raises(ValueError, match="iterations"):
+        SlotAttention(D, DS, iterations=0)
+
+
+def test_fixed_learned_init_is_shared_and_deterministic():
+    init = FixedLearnedInit(4, DS)
+    slots = init(3)
+    assert slots.shape == (3, 4, DS)
+    torch.testing.assert_close(slots[0], slots[2])
+    torch.testing.assert_close(init(3), slots)
+
+
+def test_gaussian_init_samples_in_training_and_is_repeatable_in_eval():
+    init = GaussianInit(4, DS)
+    first, second = init(2), init(2)
+    assert first.shape == (2, 4, DS) and not torch.equal(first, second)
+    (first.sum() + second.square().sum()).backward()
+    assert init.mean.grad is not None and init.log_std.grad is not None  # reparameterised
+    init.eval()
+    torch.testing.assert_close(init(2), init(2))
+    assert not torch.equal(init(2)[0, 0], init(2)[0, 1])
+    assert init(2, num_slots=7).shape == (2, 7, DS)
+    init.eval_mode = "mean"
+    torch.testing.assert_close(init(2), init.mean.expand(2, 4, DS))
+    with pytest.raises(ValueError, match="eval_mode"):
+        GaussianInit(4, DS, eval_mode="median")
+
+
+def test_carry_over_init_resets_per_sample():
+    base = FixedLearnedInit(3, DS)
+    carry = CarryOverInit(base)
+    previous = torch.randn(2, 3, DS)
+    slots, fresh = carry(2)
+    torch.testing.assert_close(slots, base(2))
+    assert fresh.tolist() == [True, True]
+    slots, fresh = carry(2, previous)
+    torch.testing.assert_close(slots, previous)
+    assert fresh.tolist() == [False, False]
+    slots, fresh = carry(2, previous, torch.tensor([False, True]))
+    torch.testing.assert_close(slots[0], previous[0])
+    torch.testing.assert_close(slots[1], base(1)[0])
+    assert fresh.tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"reset must have shape \(B\) with B=2"):
+        carry(2, previous, torch.tensor([True]))
+    with pytest.raises(ValueError, match="carried slots must match"):
+        carry(2, torch.randn(2, 5, DS), torch.tensor([False, True]))
+
+
+def test_predictor_is_equivariant_and_rejects_bad_heads():
+    predictor = TransformerPredictor(DS, num_heads=4)
+    slots = torch.randn(2, 5, DS)
+    permutation = torch.randperm(5)
+    torch.testing.assert_close(predictor(slots[:, permutation]), predictor(slots)[:, permutation])
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        TransformerPredictor(18, num_heads=4)
+
+
+def test_predictor_uses_standard_attention_scaling():
+    predictor = TransformerPredictor(DS, num_heads=2).eval()
+    block = predictor.blocks[0]
+    slots = torch.randn(1, 4, DS)
+    # Recompute the block by hand with softmax(q kᵀ / √head_dim).
+    x = block.norm1(slots)
+    q, k, v = (x @ block.self_attn.in_proj_weight.T + block.self_attn.in_proj_bias).chunk(3, -1)
+    split = lambda t: t.unflatten(-1, (2, -1)).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    attended = torch.softmax(q @ k.transpose(-2, -1) / (DS // 2) ** 0.5, dim=-1) @ v
+    x = slots + block.self_attn.out_proj(attended.transpose(1, 2).flatten(2))
+    x = x + block.linear2(torch.relu(block.linear1(block.norm2(x))))
+    torch.testing.assert_close(predictor(slots), x)
+
+
+def test_grid_positions():
+    expected = [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [3, 0]]
+    assert slot_grid_positions(7).tolist() == expected
+    assert slot_grid_positions(1).tolist() == [[0, 0]]
+    assert patch_grid_positions(2, 3).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+
+
+def test_recurrent_slot_decoder_gate_and_positions():
+    decoder = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2)
+    slots, features = torch.randn(2, 3, 32), torch.randn(2, 12, D)
+    with pytest.raises(ValueError, match="grid_size"):
+        decoder(slots, features)
+    positions = patch_grid_positions(3, 4).expand(2, -1, -1)
+    first = decoder(slots, features, first_frame=True, positions=positions)
+    assert first.slots.shape == (2, 3, 32) and first.masks.shape == (2, 3, 12)
+    assert first.gate.shape == (2, 3) and bool(((first.gate > 0) & (first.gate < 1)).all())
+    torch.testing.assert_close(first.masks.sum(1), torch.ones(2, 12))
+    later = decoder(slots, features, positions=positions)
+    gate = later.gate[..., None]
+    torch.testing.assert_close(later.slots, gate * first.slots + (1 - gate) * slots)
+    gridded = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2, grid_size=(3, 4))
+    gridded.load_state_dict(decoder.state_dict())
+    torch.testing.assert_close(gridded(slots, features).slots, later.slots)
+
+
+def test_recurrent_gate_is_computed_per_sample():
+    decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2)
+    slots, features = torch.randn(3, 2, 32), torch.randn(3, 16, D)
+    together = decoder(slots, features)
+    alone = decoder(slots[1:2], features[1:2])
+    torch.testing.assert_close(together.gate[1:2], alone.gate)
+    torch.testing.assert_close(together.slots[1:2], alone.slots)
+
+
+def test_recurrent_decoder_rejects_bad_heads_and_positions():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        RecurrentSlotDecoder(D, 24, num_heads=4)
+    decoder = RecurrentSlotDecoder(D, 32, num_heads=2)
+    with pytest.raises(ValueError, match="integer tensor"):
+        decoder(torch.randn(1, 2, 32), torch.randn(1, 4, D), positions=torch.zeros(1, 4, 2))
+
+
+def make_processor(predictor=True, **kwargs):
+    attention = SlotAttention(D, DS, iterations=1, first_frame_iterations=2)
+    return SlotVideoProcessor(
+        FixedLearnedInit(3, DS),
+        attention,
+        TransformerPredictor(DS) if predictor else None,
+        **kwargs,
+    )
+
+
+def test_processor_matches_a_manual_scan():
+    processor = make_processor()
+    features = torch.randn(2, 3, 5, D)
+    out = processor(features)
+    assert out.slots.shape == out.predicted.shape == (2, 3, 3, DS)
+    assert out.masks.shape == (2, 3, 3, 5)
+    slots = processor.initializer.base(2)
+    for t in range(3):
+        corrected, masks = processor.corrector(slots, features[:, t], first_frame=t == 0)
+        slots = processor.predictor(corrected)
+        torch.testing.assert_close(out.slots[:, t], corrected)
+        torch.testing.assert_close(out.masks[:, t], masks)
+        torch.testing.assert_close(out.predicted[:, t], slots)
+
+
+def test_processor_continues_a_video_across_calls_with_per_sample_reset():
+    processor = make_processor()
+    features = torch.randn(2, 4, 5, D)
+    whole = processor(features)
+    head = processor(features[:, :2])
+    tail = processor(features[:, 2:], previous_slots=head.predicted[:, -1])
+    torch.testing.assert_close(torch.cat((head.slots, tail.slots), 1), whole.slots)
+    # Sample 1 starts a new video at frame 2: it must match a fresh run on its last frames.
+    mixed = processor(
+        features[:, 2:], previous_slots=head.predicted[:, -1], reset=torch.tensor([False, True])
+    )
+    fresh = processor(features[1:, 2:])
+    torch.testing.assert_close(mixed.slots[0], tail.slots[0])
+    torch.testing.assert_close(mixed.slots[1], fresh.slots[0])
+    torch.testing.assert_close(mixed.masks[1], fresh.masks[0])
+
+
+def test_processor_detach_between_frames_cuts_gradients_to_earlier_frames():
+    features = torch.randn(1, 2, 5, D, requires_grad=True)
+    for detach, reaches in ((False, True), (True, False)):
+        processor = make_processor(predictor=False, detach_between_frames=detach)
+        out = processor(features)
+        (grad,) = torch.autograd.grad(out.slots[:, 1].sum(), features)
+        assert bool(grad[:, 0].abs().sum() > 0) == reaches
+
+
+def test_processor_with_recurrent_decoder_and_positions():
+    decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2)
+    processor = SlotVideoProcessor(FixedLearnedInit(3, 32), decoder)
+    features = torch.randn(2, 2, 6, D)
+    positions = patch_grid_positions(2, 3).expand(2, 2, -1, -1)
+    out = processor(features, positions=positions)
+    assert out.slots.shape == (2, 2, 3, 32)
+    torch.testing.assert_close(out.predicted, out.slots)  # no predictor: carried over
+    torch.testing.assert_close(processor(features, positions=positions[:, 0]).slots, out.slots)
