@@ -285,6 +285,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", default="torch,compiled,triton", help="comma-separated names")
     parser.add_argument("--reps", type=int, help="timed calls per figure (default: 50 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (compiles)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch (1 is steadiest on a busy machine)"
+    )
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     parser.add_argument("--sweep", action="store_true", help="rank Triton launch configs (GPU)")
     args = parser.parse_args(argv)
@@ -317,6 +320,8 @@ def parse_shapes(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``uv run apps/bench-rope2d``; returns the exit status."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return sweep(args) if args.sweep else run(args)
 
 

@@ -9,7 +9,8 @@ tokens' integer (y, x) positions into cos/sin of ``pos * inv_freq`` once, in reg
 them for every head it visits; no cos/sin table ever touches memory, so the traffic is one read and
 one write of x, the bandwidth floor. Strides are arbitrary (head dim stride 1 lets Triton emit
 vector loads), so strided q/k views of a fused qkv projection need no copy. Only portable
-``tl.*`` math is used (no inline assembly, no vendor libdevice calls).
+``tl.*`` operations are used (``tl.sin``/``tl.cos`` lower to each vendor's device library);
+no inline assembly, no ``tl.extra`` calls, no vendor-only features.
 """
 
 from __future__ import annotations
