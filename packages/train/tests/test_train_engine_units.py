@@ -229,3 +229,22 @@ def test_preemption_watch_records_sigusr1_and_restores_the_handler() -> None:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert watch.received == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_ranks_come_from_torchrun_or_a_multi_task_srun_step(monkeypatch) -> None:
+    from post3r_train.engine.distributed import launched_world
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_world() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # the batch script: one task
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert launched_world() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")  # srun, one task per GPU
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launched_world() == (9, 1, 16)
+    monkeypatch.setenv("RANK", "3")  # torchrun's variables win (its workers inherit SLURM's)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launched_world() == (3, 3, 4)

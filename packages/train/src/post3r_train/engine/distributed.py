@@ -1,9 +1,9 @@
 """Process group set-up and the few collectives the engine needs.
 
-Ranks come from torchrun / `launch` (RANK, WORLD_SIZE, LOCAL_RANK) or from SLURM when `srun`
-starts one task per device (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). The backend is gloo on
-CPU and NCCL on GPU (RCCL on ROCm builds, under the same name). Every helper here is a no-op
-in a single process, so the training loop has one code path.
+Ranks come from torchrun / `launch_local` (RANK, WORLD_SIZE, LOCAL_RANK) or from SLURM when
+`srun` starts one task per device (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID). The
+backend is gloo on CPU and NCCL on GPU (RCCL on ROCm builds, under the same name). Every helper
+here is a no-op in a single process, so the training loop has one code path.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def launched_world() -> tuple[int, int, int]:
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    # A multi-task `srun` step (not the batch script itself, whose step has one task).
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         return rank, int(env.get("SLURM_LOCALID", 0)), world
     return 0, 0, 1
 
@@ -58,13 +59,16 @@ def select_device(accelerator: str, local_rank: int) -> torch.device:
             "(check CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES, or use trainer.accelerator=cpu)"
         )
     count = torch.cuda.device_count()
-    if local_rank >= count:
+    # One visible device: the scheduler gave this process its own GPU (e.g. SLURM
+    # --gpus-per-task=1, or ROCR_VISIBLE_DEVICES=$SLURM_LOCALID on LUMI); otherwise GPU i.
+    index = 0 if count == 1 else local_rank
+    if index >= count:
         raise RuntimeError(
             f"local rank {local_rank} needs GPU {local_rank} but only {count} are visible: "
             f"start at most {count} processes per node (trainer.devices / --nproc-per-node)"
         )
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(accelerator: str = "auto", timeout_s: int = 1800) -> DistEnv:

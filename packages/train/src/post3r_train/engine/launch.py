@@ -56,9 +56,10 @@ def launch_local(
             f"--signals-to-handle={FORWARDED_SIGNALS}",
             f"--shutdown-timeout={shutdown_timeout_s}",
             *target,
-            *argv,
         ]
     )
+    # Set after parsing: torchrun's parser would mistake worker flags for its own prefixes.
+    args.training_script_args = list(argv)
     handled = [getattr(signal, name) for name in FORWARDED_SIGNALS.split(",")]
     saved = {sig: signal.getsignal(sig) for sig in handled}
     try:
