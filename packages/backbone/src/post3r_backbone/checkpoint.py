@@ -70,8 +70,13 @@ def _require_file(path: Path) -> None:
 # Original .pth files
 
 
-def read_original_checkpoint(path: str | Path) -> tuple[TTT3RConfig, dict[str, Tensor], list[str]]:
-    """Config, state dict and the names of the other (ignored) entries of an original ``.pth``."""
+def read_original_checkpoint(
+    path: str | Path, config: TTT3RConfig | None = None
+) -> tuple[TTT3RConfig, dict[str, Tensor], list[str]]:
+    """Config, state dict and the names of the other (ignored) entries of an original ``.pth``.
+
+    The config comes from the file's ``args.model`` string unless ``config`` is given.
+    """
     path = Path(path)
     _require_file(path)
     contents = _torch_load_restricted(path)
@@ -86,6 +91,9 @@ def read_original_checkpoint(path: str | Path) -> tuple[TTT3RConfig, dict[str, T
             "an original CUT3R/TTT3R training checkpoint has 'model' and 'args'"
         )
     state_dict = _strip_module_prefix(dict(contents["model"]))
+    ignored = sorted(str(key) for key in contents if key != "model")
+    if config is not None:
+        return config, state_dict, ignored
     constructor = find_constructor_string(contents.get("args"))
     if constructor is None:
         raise CheckpointError(
@@ -99,7 +107,6 @@ def read_original_checkpoint(path: str | Path) -> tuple[TTT3RConfig, dict[str, T
         raise CheckpointError(
             f"{path}: cannot build the model its args describe: {error}"
         ) from None
-    ignored = sorted(str(key) for key in contents if key != "model")
     return config, state_dict, ignored
 
 
@@ -320,7 +327,7 @@ def load_checkpoint(
     if path.suffix == ".safetensors":
         file_config, state_dict = read_safetensors(path, device)
     else:
-        file_config, state_dict, _ = read_original_checkpoint(path)
+        file_config, state_dict, _ = read_original_checkpoint(path, config)
     config = config if config is not None else file_config
     if model_update_type is not None:
         config = config.replace(model_update_type=model_update_type)

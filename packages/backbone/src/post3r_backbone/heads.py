@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from post3r_backbone.config import TTT3RConfig
 from post3r_backbone.dpt import DPTAdapter
-from post3r_backbone.layers import ConditionModulationBlock, Mlp
+from post3r_backbone.layers import ConditionModulationBlock, Mlp, autocast_off
 
 RGB_EPS = 1e-6
 
@@ -148,7 +148,7 @@ class DPTHead(_Head):
         out: dict[str, Tensor] = {}
         if "world" in wanted:
             world = self.world_tokens(tokens, pose_token, positions)
-        with torch.autocast(tokens.device.type, enabled=False):
+        with autocast_off(tokens.device):
             plain = [h.float() for h in (*hooks[:-1], tokens)]
             out["camera_pose"] = activate_pose(
                 self.pose_head(pose_token.float()), self.cfg.pose_mode
@@ -201,7 +201,7 @@ class LinearHead(_Head):
         out: dict[str, Tensor] = {}
         if "world" in wanted:
             world = self.world_tokens(tokens, pose_token, positions)
-        with torch.autocast(tokens.device.type, enabled=False):
+        with autocast_off(tokens.device):
             tokens = tokens.float()
             out["camera_pose"] = activate_pose(
                 self.pose_head(pose_token.float()), self.cfg.pose_mode

@@ -6,6 +6,7 @@ All LayerNorms use eps = 1e-6 and GELU is the exact (erf) form, as in the origin
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 
 import torch
@@ -15,6 +16,17 @@ from torch import Tensor, nn
 from post3r_kernels import rope2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """Disable autocast for float32 sections (heads, state); a no-op on the meta device."""
+    return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
+def normal(*shape: int, std: float) -> Tensor:
+    """N(0, std^2) initial values; left empty on the meta device (sampling there is slow)."""
+    values = torch.empty(shape)
+    return values if values.is_meta else values.normal_(std=std)
 
 
 def rotate(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from post3r_backbone.layers import DecoderBlock
+from post3r_backbone.layers import DecoderBlock, normal
 
 
 class PoseRetriever(nn.Module):
@@ -23,8 +23,8 @@ class PoseRetriever(nn.Module):
         self.dec_dim = dec_dim
         width = 2 * dec_dim
         self.proj_q = nn.Linear(enc_dim, dec_dim)
-        self.masked_token = nn.Parameter(torch.randn(1, 1, dec_dim) * 0.2)
-        self.mem = nn.Parameter(torch.randn(1, size, width) * 0.2)
+        self.masked_token = nn.Parameter(normal(1, 1, dec_dim, std=0.2))
+        self.mem = nn.Parameter(normal(1, size, width, std=0.2))
         self.write_blocks = nn.ModuleList(
             DecoderBlock(width, heads, mlp_ratio, rope_base=1.0) for _ in range(2)
         )

@@ -19,7 +19,15 @@ from tqdm.auto import tqdm
 
 from post3r_backbone.config import UPDATE_RULES, ConfigError, TTT3RConfig
 from post3r_backbone.heads import build_head, pose_to_matrix
-from post3r_backbone.layers import Block, DecoderBlock, LayerNorm, PatchEmbed, grid_positions
+from post3r_backbone.layers import (
+    Block,
+    DecoderBlock,
+    LayerNorm,
+    PatchEmbed,
+    autocast_off,
+    grid_positions,
+    normal,
+)
 from post3r_backbone.memory import PoseRetriever
 
 
@@ -126,12 +134,14 @@ class TTT3R(nn.Module):
             Block(enc, cfg.ray_enc_num_heads, 4.0, base) for _ in range(cfg.ray_enc_depth)
         )
         self.enc_norm_ray_map = LayerNorm(enc)
-        self.pose_token = nn.Parameter(torch.randn(1, 1, dec) * 0.02)
+        self.pose_token = nn.Parameter(normal(1, 1, dec, std=0.02))
         self.pose_retriever = PoseRetriever(cfg.local_mem_size, enc, dec, cfg.dec_num_heads)
-        self.register_tokens = nn.Embedding(cfg.state_size, enc)
+        self.register_tokens = nn.Embedding(
+            cfg.state_size, enc, _weight=normal(cfg.state_size, enc, std=1.0)
+        )
         # Only used by the original's batched training path (views without image / ray map).
-        self.masked_img_token = nn.Parameter(torch.randn(1, enc) * 0.02)
-        self.masked_ray_map_token = nn.Parameter(torch.randn(1, enc) * 0.02)
+        self.masked_img_token = nn.Parameter(normal(1, enc, std=0.02))
+        self.masked_ray_map_token = nn.Parameter(normal(1, enc, std=0.02))
         self.decoder_embed_state = nn.Linear(enc, dec)
         self.dec_blocks_state = nn.ModuleList(self._decoder_blocks(cfg.state_dec_num_heads))
         self.dec_norm_state = LayerNorm(dec)
@@ -175,7 +185,7 @@ class TTT3R(nn.Module):
 
     def initial_state_tokens(self) -> Tensor:
         """(state_size, dec_embed_dim) float32 state every sequence starts from."""
-        with torch.autocast(self.device.type, enabled=False):
+        with autocast_off(self.device):
             return self.decoder_embed_state(self.register_tokens.weight)
 
     def init_state(self, batch_size: int) -> BackboneState:
@@ -248,9 +258,9 @@ class TTT3R(nn.Module):
     def forward_video(
         self,
         frames: Tensor,
+        *,
         state: BackboneState | None = None,
         reset: Tensor | None = None,
-        *,
         outputs: Collection[str] | str | None = None,
         output_device: torch.device | str | None = None,
         progress: bool = False,
