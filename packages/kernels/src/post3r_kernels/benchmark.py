@@ -15,6 +15,7 @@ the backbone stores q/k, a (B, N, H, D) projection viewed as (B, H, N, D). Figur
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -250,10 +251,12 @@ def sweep(args: argparse.Namespace) -> int:
 
 def describe_device(device: torch.device) -> str:
     versions = f"torch {torch.__version__}"
-    if TRITON_INSTALLED:
-        import triton
-
-        versions += f", triton {triton.__version__}"
+    for distribution in ("triton", "pytorch-triton-rocm", "pytorch-triton"):
+        try:
+            versions += f", {distribution} {importlib.metadata.version(distribution)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
     if device.type == "cuda":
         return f"device: {torch.cuda.get_device_name(device)} ({versions})"
     return f"device: CPU, {torch.get_num_threads()} threads ({versions})"
