@@ -317,6 +317,7 @@ class Trainer:
         self.metrics.persistent(True)
         self.net = self._wrap(_TrainingStep(module))
         self.step = 0
+        self.data_position = 0  # batches this rank has consumed
         self.nan_skipped = 0
         self.data_skipped = 0
         self.val_metrics: dict[str, float] = {}
@@ -359,6 +360,7 @@ class Trainer:
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.step = int(payload["step"])
+        self.data_position = int(payload["data_position"])
         self.nan_skipped = int(payload["counters"]["nan_skipped"])
         self.data_skipped = int(payload["counters"]["data_skipped"])
         self.val_metrics = dict(payload["metrics"]["values"])
@@ -397,10 +399,9 @@ class Trainer:
         else:
             self.restore(payload, payload.get("_source", "checkpoint"))
         check_ranks_agree(self.step, "the step to start from", self.env)
-        accumulate = self.cfg.accumulate_grad_batches
         # The loader is created before the RNG is restored: creating it may draw random numbers
         # (DataLoader seeds), which the original run also drew before its first step.
-        stream = _BatchStream(train_loader, self.step * accumulate)
+        stream = _BatchStream(train_loader, self.data_position)
         self._restore_rng(payload)
         self._announce()
         deadline = None if self.cfg.max_time_s is None else time.monotonic() + self.cfg.max_time_s
@@ -505,6 +506,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         self.step += 1
+        self.data_position = stream.position
         self.data_skipped += stats["skipped"]
         return stats
 
@@ -647,7 +649,7 @@ class Trainer:
     def _payload(self, rng: list, metric_states: list, reason: str) -> dict[str, Any]:
         return {
             "step": self.step,
-            "data_position": self.step * self.cfg.accumulate_grad_batches,
+            "data_position": self.data_position,
             "world_size": self.env.world_size,
             "model": _cpu(self.module.trainable_state_dict()),
             "optimizer": self.optimizer.state_dict(),
