@@ -167,3 +167,16 @@ def test_custom_op_passes_opcheck() -> None:
     torch.library.opcheck(
         torch.ops.post3r_kernels.rope2d_triton.default, (x, positions, 100.0, False)
     )
+
+
+def test_any_strides_in_and_expanded_gradients() -> None:
+    # Every other element of a wider head dim: the head dim itself is strided.
+    wide = torch.randn(2, 3, 5, 32, device=DEVICE)
+    x = wide[..., ::2].requires_grad_()
+    positions = scattered_positions(2, 5)
+    out = rope2d(x, positions, impl="triton")
+    torch.testing.assert_close(out, rope2d(x, positions, impl="torch"), **TOLERANCES[torch.float32])
+    # sum() hands the backward a gradient expanded with stride 0 everywhere.
+    out.sum().backward()
+    (expected,) = torch.autograd.grad(rope2d(x, positions, impl="torch").sum(), x)
+    torch.testing.assert_close(x.grad, expected, **TOLERANCES[torch.float32])
