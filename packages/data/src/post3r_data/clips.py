@@ -1,0 +1,249 @@
+"""Decoding shard samples into videos, cutting clips, cropping and resizing.
+
+A decoded video keeps read-only views into the sample's bytes; cutting a clip copies only the
+frames and the crop window it needs. Resizing happens last: frames with antialiased bilinear
+filtering, label ids, depth and pointmaps with nearest-neighbour sampling (no blending across
+object boundaries), intrinsics rescaled to match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from post3r_data.shards import decode_npy
+
+OPTIONAL_FIELDS = ("segmentations", "pointmap", "depth", "camera_to_world", "intrinsics")
+_PER_PIXEL = ("segmentations", "pointmap", "depth")
+
+
+class CorruptSampleError(ValueError):
+    """A shard sample that cannot be decoded or has inconsistent arrays."""
+
+
+@dataclass
+class Video:
+    """One decoded sample: `video` uint8 (T, H, W, 3) and optional per-frame arrays."""
+
+    key: str
+    source: str
+    video: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return self.video.shape[0]
+
+
+@dataclass
+class Clip:
+    """Frames [start, start + T) of a video, cropped to `box` = (top, left, height, width)."""
+
+    key: str
+    frame_index: np.ndarray  # (T,) int64
+    box: tuple[int, int, int, int]
+    video: np.ndarray  # (T, h, w, 3) uint8, already cropped
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # cropped likewise
+
+
+def instance_ids(segmentations: np.ndarray) -> np.ndarray:
+    """(T, H, W) instance ids, 0 = background, from any supported mask layout.
+
+    - (T, H, W) or (T, H, W, 1): already an id map (ours, SlotContrast's MOVi).
+    - (T, H, W, I) with I > 1: SlotContrast's YT-VIS layout, one channel per instance whose
+      value is the category id; instance i becomes id i + 1. Pixels claimed by two or more
+      instances become 0, which is what SlotContrast's `ignore_overlaps` does for FG-ARI.
+
+    A YT-VIS video with a single instance is stored as one channel and therefore reads as an
+    id map whose id is the category id; the partition into objects is the same.
+    """
+    if segmentations.ndim == 3:
+        return segmentations
+    if segmentations.shape[-1] == 1:
+        return segmentations[..., 0]
+    present = segmentations != 0
+    ids = present.argmax(axis=-1) + 1
+    ids[present.sum(axis=-1) != 1] = 0
+    return ids.astype(np.uint8 if segmentations.shape[-1] < 256 else np.int32)
+
+
+def _expect(condition: bool, key: str, source: str, message: str) -> None:
+    if not condition:
+        raise CorruptSampleError(f"sample {key!r} in {source}: {message}")
+
+
+def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
+    """Decode and validate `video.npy` and the requested optional fields of a raw sample."""
+    key, source = sample.get("__key__", "?"), sample.get("__url__", "?")
+    arrays = {}
+    for name in ("video", *fields):
+        data = sample.get(f"{name}.npy")
+        _expect(data is not None, key, source, f"has no {name}.npy")
+        try:
+            arrays[name] = decode_npy(data)
+        except ValueError as error:
+            raise CorruptSampleError(f"sample {key!r} in {source}: {name}.npy: {error}") from None
+    video = arrays.pop("video")
+    _expect(
+        video.ndim == 4 and video.shape[-1] == 3 and video.dtype == np.uint8,
+        key,
+        source,
+        f"video.npy must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}",
+    )
+    frames = video.shape[:3]
+    shapes = {
+        "segmentations": (frames, (3, 4)),
+        "pointmap": ((*frames, 3), (4,)),
+        "depth": (frames, (3,)),
+        "camera_to_world": ((frames[0], 4, 4), (3,)),
+    }
+    for name, array in arrays.items():
+        if name == "intrinsics":
+            if array.shape == (3, 3):
+                arrays[name] = array = np.broadcast_to(array, (frames[0], 3, 3))
+            _expect(array.shape == (frames[0], 3, 3), key, source, f"intrinsics {array.shape}")
+            continue
+        expected, ndims = shapes[name]
+        _expect(
+            array.ndim in ndims and array.shape[: len(expected)] == expected,
+            key,
+            source,
+            f"{name}.npy has shape {array.shape}, expected {expected} to match video {video.shape}",
+        )
+    if "segmentations" in arrays:
+        _expect(
+            np.issubdtype(arrays["segmentations"].dtype, np.integer),
+            key,
+            source,
+            f"segmentations must be integer ids, got {arrays['segmentations'].dtype}",
+        )
+    return Video(key=key, source=source, video=video, extra=arrays)
+
+
+def crop_window(height: int, width: int, out_hw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Size of a crop with the output's aspect ratio: `scale` times the largest that fits."""
+    out_h, out_w = out_hw
+    if width * out_h >= height * out_w:
+        crop_h, crop_w = height, height * out_w / out_h
+    else:
+        crop_h, crop_w = width * out_h / out_w, width
+    return max(1, min(height, round(crop_h * scale))), max(1, min(width, round(crop_w * scale)))
+
+
+def cut_clip(
+    video: Video, start: int, length: int, top: int, left: int, size: tuple[int, int]
+) -> Clip:
+    """Copy frames [start, start + length) inside the window (top, left, *size)."""
+    rows, cols = slice(top, top + size[0]), slice(left, left + size[1])
+    frames = slice(start, start + length)
+    extra = {}
+    for name, array in video.extra.items():
+        if name == "segmentations":
+            extra[name] = instance_ids(array[frames, rows, cols]).copy()
+        elif name in _PER_PIXEL:
+            extra[name] = array[frames, rows, cols].copy()
+        elif name == "intrinsics":
+            k = np.array(array[frames], dtype=np.float64)
+            k[:, 0, 2] -= left
+            k[:, 1, 2] -= top
+            extra[name] = k
+        else:
+            extra[name] = np.array(array[frames])
+    return Clip(
+        key=video.key,
+        frame_index=np.arange(start, start + length, dtype=np.int64),
+        box=(top, left, *size),
+        video=video.video[frames, rows, cols].copy(),
+        extra=extra,
+    )
+
+
+def random_clip(
+    video: Video,
+    rng: np.random.Generator,
+    length: int,
+    out_hw: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> Clip:
+    """A clip at a random start with a random crop (same window for every frame)."""
+    height, width = video.video.shape[1:3]
+    start = int(rng.integers(0, video.num_frames - length + 1))
+    size = crop_window(height, width, out_hw, float(rng.uniform(*crop_scale)))
+    top = int(rng.integers(0, height - size[0] + 1))
+    left = int(rng.integers(0, width - size[1] + 1))
+    return cut_clip(video, start, length, top, left, size)
+
+
+def central_clips(video: Video, length: int | None, out_hw: tuple[int, int]) -> list[Clip]:
+    """The whole video (length None) or all consecutive `length`-frame chunks (the remainder is
+    dropped), centre-cropped to the output's aspect ratio."""
+    height, width = video.video.shape[1:3]
+    size = crop_window(height, width, out_hw, 1.0)
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    length = video.num_frames if length is None else length
+    starts = range(0, video.num_frames - length + 1, length)
+    return [cut_clip(video, s, length, top, left, size) for s in starts]
+
+
+def _nearest(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel for nearest-neighbour resizing (pixel centres)."""
+    return np.minimum(
+        ((np.arange(size_out) + 0.5) * (size_in / size_out)).astype(np.int64), size_in - 1
+    )
+
+
+def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) -> dict:
+    """Resize a clip to `out_hw` and convert it to tensors in batch layout (no batch axis)."""
+    out_h, out_w = out_hw
+    _, _, crop_h, crop_w = clip.box
+    resize = (crop_h, crop_w) != (out_h, out_w)
+    frames = torch.from_numpy(clip.video).permute(0, 3, 1, 2)  # (T, 3, h, w) uint8
+    if resize or frames_dtype != torch.uint8:
+        frames = frames.float().div_(255.0)
+        if resize:
+            frames = F.interpolate(frames, size=out_hw, mode="bilinear", antialias=True)
+            frames = frames.clamp_(0.0, 1.0)
+        if frames_dtype == torch.uint8:
+            frames = frames.mul_(255.0).round_().to(torch.uint8)
+    out = {
+        "frames": frames.contiguous(),
+        "key": clip.key,
+        "frame_index": torch.from_numpy(clip.frame_index),
+    }
+    rows, cols = _nearest(crop_h, out_h), _nearest(crop_w, out_w)
+    for name, array in clip.extra.items():
+        if name in _PER_PIXEL:
+            array = array[:, rows][:, :, cols] if resize else array
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            out[name] = tensor.long() if name == "segmentations" else tensor.float()
+        elif name == "intrinsics":
+            k = array.copy()
+            sx, sy = out_w / crop_w, out_h / crop_h
+            k[:, 0, 0] *= sx
+            k[:, 1, 1] *= sy
+            k[:, 0, 1] *= sx
+            k[:, 0, 2] = (k[:, 0, 2] + 0.5) * sx - 0.5
+            k[:, 1, 2] = (k[:, 1, 2] + 0.5) * sy - 0.5
+            out[name] = torch.from_numpy(k).float()
+        else:
+            out[name] = torch.from_numpy(array).float()
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack finished clips into a batch; `key` becomes a list of video ids."""
+    batch: dict = {"key": [s["key"] for s in samples]}
+    for name in samples[0]:
+        if name == "key":
+            continue
+        shapes = sorted({tuple(s[name].shape) for s in samples})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cannot batch {name} of different shapes {shapes} (videos {batch['key']}): "
+                "whole validation videos differ in length; use batch_size=1 or a chunk_size"
+            )
+        batch[name] = torch.stack([s[name] for s in samples])
+    return batch

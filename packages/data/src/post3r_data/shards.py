@@ -1,0 +1,182 @@
+"""Shard files: naming, discovery, atomic writing, safe `.npy` coding and summaries.
+
+A dataset directory holds `<dataset>-<split>-NNNNNN.tar` files (SlotContrast's naming), each a
+WebDataset tar whose samples are `<key>.video.npy`, `<key>.segmentations.npy`, ... plus an
+optional small `<key>.meta.json`, and one `<dataset>-info.json` describing how it was made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+SPLITS = ("train", "validation")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "training": "train"}
+_CREATE_COMMANDS = {
+    "ytvis": "uv run apps/prepare-ytvis --input <YouTube-VIS 2021 download> --output {dir}",
+    "synthetic": "uv run apps/synth --output {dir} --videos 1000",
+}
+# Tar member times are fixed so that the same content gives the same bytes.
+_TAR_MTIME = 0.0
+
+
+def canonical_split(split: str) -> str:
+    """Map `val`/`valid` to `validation`; reject unknown split names."""
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} (or 'val')")
+    return split
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    """`ytvis-train-000003.tar` for ("ytvis", "train", 3)."""
+    return f"{dataset}-{canonical_split(split)}-{index:06d}.tar"
+
+
+def _create_hint(dataset: str, data_dir: Path) -> str:
+    command = _CREATE_COMMANDS.get(dataset)
+    if command is None:
+        return f"write shards named {shard_name(dataset, 'train', 0)} (and so on) into {data_dir}"
+    return f"create them with `{command.format(dir=data_dir)}`"
+
+
+def find_shards(data_dir: str | os.PathLike, dataset: str, split: str) -> list[str]:
+    """Sorted paths of `<data_dir>/<dataset>-<split>-NNNNNN.tar`.
+
+    Raises FileNotFoundError naming the directory and the command that creates the shards when
+    the directory or the shards are missing. Unfinished shards (`*.tar.tmp`) are never listed.
+    """
+    data_dir = Path(data_dir).expanduser()
+    split = canonical_split(split)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"data directory {data_dir} does not exist; {_create_hint(dataset, data_dir)}"
+        )
+    pattern = re.compile(rf"^{re.escape(dataset)}-{split}-\d{{6}}\.tar$")
+    shards = sorted(str(p) for p in data_dir.iterdir() if pattern.match(p.name))
+    if not shards:
+        raise FileNotFoundError(
+            f"no {dataset}-{split}-NNNNNN.tar shards in {data_dir}; "
+            f"{_create_hint(dataset, data_dir)}"
+        )
+    return shards
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """`.npy` bytes of an array (never pickled)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Read-only view of `.npy` bytes without copying the payload; object arrays are refused.
+
+    A view lets a loader copy only the frames it needs out of a whole video.
+    """
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("refusing to load an object (pickled) .npy array")
+    count = int(np.prod(shape))
+    offset = stream.tell()
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(
+            f".npy payload is truncated: {len(data) - offset} bytes for shape {shape} {dtype}"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -> int:
+    """Write samples to one tar atomically (`<path>.tmp`, fsync, rename); return its size.
+
+    Each sample maps `__key__` to a key without dots and field names (`video.npy`, ...) to
+    bytes. If the iterable raises, the temporary file is removed and nothing is left at `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+            for sample in samples:
+                if "." in sample["__key__"]:
+                    raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
+                writer.write(dict(sample))
+            writer.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def write_json_atomic(path: str | os.PathLike, content: Any) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardSummary:
+    """Totals over shards: videos, frames, annotated objects (from meta.json) and bytes."""
+
+    shards: int = 0
+    videos: int = 0
+    frames: int = 0
+    objects: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: ShardSummary) -> ShardSummary:
+        return ShardSummary(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _npy_shape(fileobj: Any) -> tuple[int, ...]:
+    version = np.lib.format.read_magic(fileobj)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fileobj)[0]
+    return np.lib.format.read_array_header_2_0(fileobj)[0]
+
+
+def summarize_shards(paths: Iterable[str | os.PathLike]) -> ShardSummary:
+    """Count videos, frames and objects by reading only tar headers, npy headers and meta.json.
+
+    Objects are counted from `meta.json` (`num_objects`), which our writers add; shards without
+    it (SlotContrast's) count 0 objects.
+    """
+    total = ShardSummary()
+    for path in paths:
+        total.shards += 1
+        total.bytes += os.path.getsize(path)
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.name.endswith(".video.npy"):
+                    total.videos += 1
+                    total.frames += _npy_shape(tar.extractfile(member))[0]
+                elif member.name.endswith(".meta.json"):
+                    meta = json.load(tar.extractfile(member))
+                    total.objects += int(meta.get("num_objects", 0))
+    return total
