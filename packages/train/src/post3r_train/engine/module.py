@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+
+if TYPE_CHECKING:  # torchmetrics is slow to import; only the model's make_metrics needs it
+    from torchmetrics import MetricCollection
 
 
 class StateDictMismatchError(ValueError):

@@ -19,12 +19,11 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
 from post3r_train.engine.checkpoint import (
@@ -52,6 +51,9 @@ from post3r_train.engine.rng import capture_rng, restore_rng, seed_everything
 from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir_of_checkpoint
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 log = logging.getLogger("post3r_train.engine")
 
