@@ -71,7 +71,7 @@ def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path) -> None:
     saved = load_checkpoint(root / "results" / "checkpoints" / "last.ckpt")
     assert saved["step"] == 6 and saved["data_position"] == 6
     assert not any(key.startswith("backbone") for key in saved["model"])  # frozen: never saved
-    assert set(saved["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert set(saved["rng"][0]) == {"python", "numpy", "torch", "cuda", "data"}
     assert saved["metrics"]["values"] == result.val_metrics
     # The checkpoint, evaluated from scratch, gives the metrics the run logged.
     seed_everything(0)
@@ -145,13 +145,15 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> Non
     assert column(resumed, "val/mse") == column(reference, "val/mse")
 
 
-def test_corrupt_shard_is_skipped_and_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("report", ["batch key", "loader attribute"])
+def test_corrupt_shard_is_skipped_and_counted(tmp_path: Path, report: str) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     np.save(shards / "shard-000.npy", np.arange(0, 8))
     (shards / "shard-001.npy").write_bytes(b"\x93NUMPY garbage, not an array")
     np.save(shards / "shard-002.npy", np.arange(8, 16))
-    result = run(tmp_path / "logs", train=toy.shard_stream(shards, 4), max_steps=4, val_size=0)
+    stream = toy.shard_stream(shards, 4, as_attribute=report == "loader attribute")
+    result = run(tmp_path / "logs", train=stream, max_steps=4, val_size=0)
     assert result.step == 4 and result.data_skipped == 1
     assert dict(column(result, "data/skipped")) == {1: "0.0", 2: "0.0", 3: "1.0", 4: "1.0"}
 

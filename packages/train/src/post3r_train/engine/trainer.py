@@ -47,7 +47,7 @@ from post3r_train.engine.distributed import (
     shutdown_distributed,
 )
 from post3r_train.engine.module import TrainModule, move_to_device
-from post3r_train.engine.rng import capture_rng, restore_rng, seed_everything
+from post3r_train.engine.rng import RandomStream, capture_rng, restore_rng, seed_everything
 from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir_of_checkpoint
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
@@ -63,7 +63,8 @@ ValLoaderFactory = Callable[[], Iterable[dict]]
 """`factory()`: this rank's share of the validation set (disjoint across ranks)."""
 
 SKIPPED_KEY = "__skipped__"
-"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch."""
+"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch.
+(A loader object with a cumulative `num_skipped` attribute, as post3r_data's, is read too.)"""
 KEY_FIELDS = ("__key__", "key", "keys", "video_id", "video_ids")
 """Batch entries that name the samples (reported when a loss is not finite)."""
 
@@ -214,6 +215,7 @@ def run_validation(
                 visualize_dir.mkdir(parents=True, exist_ok=True)
                 module.visualize(batch, outputs, visualize_dir)
     bar.close()
+    skipped += int(getattr(batches, "num_skipped", 0) or 0)  # post3r_data's loaders count too
     values = compute_metrics(metrics)
     skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=env.device), env).item())
     module.train(was_training)
@@ -256,28 +258,46 @@ class _TrainingStep(nn.Module):
 
 
 class _BatchStream:
-    """This rank's training batches from `position` on; a finite loader is restarted there."""
+    """This rank's training batches from `position` on; a finite loader is restarted there.
 
-    def __init__(self, factory: TrainLoaderFactory, position: int) -> None:
-        self.factory = factory
-        self.position = position
-        self._batches: Iterator[dict] = iter(factory(position))
+    The loader runs under its own random stream (see `RandomStream`), and a loader object with
+    a `num_skipped` counter (post3r_data's loaders) has its increments reported by `skipped`.
+    """
+
+    def __init__(self, factory: TrainLoaderFactory, position: int, rng: RandomStream) -> None:
+        self.factory, self.position, self.rng = factory, position, rng
+        self._skipped_before = 0
+        self._open()
+
+    def _open(self) -> None:
+        with self.rng.active():
+            self._loader = self.factory(self.position)
+            self._batches: Iterator[dict] = iter(self._loader)
+        self._counted = 0
 
     def next(self) -> dict:
-        try:
-            batch = next(self._batches)
-        except StopIteration:
-            self._batches = iter(self.factory(self.position))
-            try:
-                batch = next(self._batches)
-            except StopIteration:
+        with self.rng.active():
+            batch = next(self._batches, None)
+        if batch is None:
+            self._skipped_before += self.skipped()
+            self._open()
+            with self.rng.active():
+                batch = next(self._batches, None)
+            if batch is None:
                 raise RuntimeError(
                     f"the train loader yields no batches from position {self.position} on; "
                     "it must be an endless stream (e.g. WebDataset resampled=True) or restart "
                     "when called with a start position"
-                ) from None
+                )
         self.position += 1
         return batch
+
+    def skipped(self) -> int:
+        """Corrupt samples the loader counted (`num_skipped`) since the last call."""
+        total = int(getattr(self._loader, "num_skipped", 0) or 0)
+        new = total - self._counted + self._skipped_before
+        self._counted, self._skipped_before = total, 0
+        return new
 
 
 class Trainer:
@@ -324,6 +344,7 @@ class Trainer:
         self.data_skipped = 0
         self.val_metrics: dict[str, float] = {}
         self.checkpoint: Path | None = None
+        self.data_rng = RandomStream(seed)  # replaced by `_seed` when training starts
         self._saved_step: int | None = None
         self._checked_first_step = False
 
@@ -372,20 +393,23 @@ class Trainer:
         self._saved_step = self.step
         self.checkpoint = Path(source)
 
-    def _restore_rng(self, payload: Mapping[str, Any] | None) -> None:
-        if payload is None:
-            return
-        states = payload["rng"]
-        if len(states) == self.env.world_size:
+    def _seed(self, payload: Mapping[str, Any] | None) -> None:
+        """Seed the model's and the data loader's random streams, or restore them."""
+        states = None if payload is None else payload["rng"]
+        if states is not None and len(states) == self.env.world_size:
             restore_rng(states[self.env.rank])
+            self.data_rng.state = states[self.env.rank]["data"]
             return
-        log.warning(
-            "checkpoint was written by %d processes, this run has %d: random streams are "
-            "re-seeded, so the continuation is not bit-identical",
-            len(states),
-            self.env.world_size,
-        )
-        seed_everything(self.seed + 1_000_003 * self.step + self.env.rank)
+        if states is not None:
+            log.warning(
+                "checkpoint was written by %d processes, this run has %d: random streams are "
+                "re-seeded, so the continuation is not bit-identical",
+                len(states),
+                self.env.world_size,
+            )
+        seed = self.seed + 1_000_003 * self.step + self.env.rank
+        seed_everything(seed)
+        self.data_rng = RandomStream(seed + 7_919)
 
     # ------------------------------------------------------------------------------------- loop
 
@@ -396,15 +420,11 @@ class Trainer:
         payload: Mapping[str, Any] | None = None,
     ) -> FitResult:
         """Train until `trainer.max_steps`, a preemption signal or `trainer.max_time`."""
-        if payload is None:
-            seed_everything(self.seed + self.env.rank)
-        else:
+        if payload is not None:
             self.restore(payload, payload.get("_source", "checkpoint"))
         check_ranks_agree(self.step, "the step to start from", self.env)
-        # The loader is created before the RNG is restored: creating it may draw random numbers
-        # (DataLoader seeds), which the original run also drew before its first step.
-        stream = _BatchStream(train_loader, self.data_position)
-        self._restore_rng(payload)
+        self._seed(payload)
+        stream = _BatchStream(train_loader, self.data_position, self.data_rng)
         self._announce()
         deadline = None if self.cfg.max_time_s is None else time.monotonic() + self.cfg.max_time_s
         reason = "max_steps"
@@ -467,6 +487,7 @@ class Trainer:
             for name, value in parts.items():
                 value = torch.as_tensor(value, device=self.env.device).detach().float()
                 parts_sum[name] = parts_sum.get(name, 0) + value
+        skipped += stream.skipped()
         if not self._checked_first_step:
             self._check_first_step(sorted(parts_sum), samples)
         self.scaler.unscale_(self.optimizer)
@@ -627,7 +648,7 @@ class Trainer:
         """Write step=NNNNNN.ckpt and last.ckpt (rank 0); every rank learns the outcome."""
         if self.run is None or self._saved_step == self.step:
             return
-        rng = all_gather_objects(capture_rng(), self.env)
+        rng = all_gather_objects({**capture_rng(), "data": self.data_rng.state}, self.env)
         metric_states = all_gather_objects(_cpu(self.metrics.state_dict()), self.env)
         error = None
         path = self.run.checkpoints / step_checkpoint_name(self.step)
