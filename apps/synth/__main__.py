@@ -5,4 +5,6 @@ Run from the repository root: `uv run apps/synth --help`.
 
 from post3r_data.synth import main
 
-raise SystemExit(main())
+# Guarded so that worker processes started with 'spawn' do not run the CLI again.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -188,7 +188,7 @@ def central_clips(video: Video, length: int | None, out_hw: tuple[int, int]) -> 
     return [cut_clip(video, s, length, top, left, size) for s in starts]
 
 
-def _nearest(size_in: int, size_out: int) -> np.ndarray:
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
     """Source index of each output pixel for nearest-neighbour resizing (pixel centres)."""
     return np.minimum(
         ((np.arange(size_out) + 0.5) * (size_in / size_out)).astype(np.int64), size_in - 1
@@ -213,7 +213,7 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
         "key": clip.key,
         "frame_index": torch.from_numpy(clip.frame_index),
     }
-    rows, cols = _nearest(crop_h, out_h), _nearest(crop_w, out_w)
+    rows, cols = nearest_indices(crop_h, out_h), nearest_indices(crop_w, out_w)
     for name, array in clip.extra.items():
         if name in _PER_PIXEL:
             array = array[:, rows][:, :, cols] if resize else array

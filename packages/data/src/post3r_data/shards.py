@@ -115,11 +115,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -
     try:
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
-            for sample in samples:
-                if "." in sample["__key__"]:
-                    raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
-                writer.write(dict(sample))
-            writer.close()
+            try:
+                for sample in samples:
+                    if "." in sample["__key__"]:
+                        raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
+                    writer.write(dict(sample))
+            finally:
+                writer.close()
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)

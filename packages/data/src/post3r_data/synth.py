@@ -14,8 +14,11 @@ import argparse
 import colorsys
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -419,6 +422,7 @@ def generate_synthetic_dataset(
     videos_per_shard: int = 32,
     config: SynthConfig | None = None,
     overwrite: bool = False,
+    workers: int = 1,
     progress: bool = True,
 ) -> SynthResult:
     """Write `synthetic-train-NNNNNN.tar` and `synthetic-validation-NNNNNN.tar` into out_dir.
@@ -428,6 +432,7 @@ def generate_synthetic_dataset(
     config), so the same arguments give the same bytes. Calling again with the same arguments
     keeps finished shards and only writes missing ones; different arguments on an existing
     directory raise unless `overwrite=True`, which first deletes the old synthetic shards.
+    `workers` > 1 renders shards in that many processes (each single-threaded).
     """
     config = config or SynthConfig()
     if num_videos < 1 or size < 8 or frames < 1 or videos_per_shard < 1:
@@ -450,36 +455,75 @@ def generate_synthetic_dataset(
 
     result = SynthResult(out_dir=out_dir)
     counts = {"train": num_videos, "validation": num_val_videos}
+    plan = {
+        split: [
+            (
+                out_dir / shard_name(DATASET, split, shard),
+                list(range(first, min(first + videos_per_shard, count))),
+            )
+            for shard, first in enumerate(range(0, count, videos_per_shard))
+        ]
+        for split, count in counts.items()
+    }
+    todo = [
+        (path, split, indices)
+        for split in plan
+        for path, indices in plan[split]
+        if not path.exists()
+    ]
+    result.rendered_videos = sum(len(indices) for _, _, indices in todo)
+    total = sum(counts.values())
     start = time.perf_counter()
     with tqdm(
-        total=sum(counts.values()), desc="synthetic", unit="video", disable=not progress
+        total=total,
+        initial=total - result.rendered_videos,
+        desc="synthetic",
+        unit="video",
+        disable=not progress,
     ) as bar:
-        for split, count in counts.items():
-            paths = []
-            for shard, first in enumerate(range(0, count, videos_per_shard)):
-                path = out_dir / shard_name(DATASET, split, shard)
-                indices = list(range(first, min(first + videos_per_shard, count)))
-                if not path.exists():
-                    write_shard(
-                        path, _render_shard(seed, split, indices, size, frames, config, bar)
-                    )
-                    result.rendered_videos += len(indices)
-                else:
-                    bar.update(len(indices))
-                paths.append(path)
-            result.splits[split] = summarize_shards(paths)
+        jobs = [(path, seed, split, indices, size, frames, config) for path, split, indices in todo]
+        if workers <= 1:
+            for job in jobs:
+                bar.update(_write_synthetic_shard(*job))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for done in as_completed(
+                    [pool.submit(_write_synthetic_shard, *job) for job in jobs]
+                ):
+                    bar.update(done.result())
     result.seconds = time.perf_counter() - start
+    result.splits = {
+        split: summarize_shards(path for path, _ in shards) for split, shards in plan.items()
+    }
     info = {"dataset": DATASET, "settings": settings, "complete": True}
     info["splits"] = {split: s.as_dict() for split, s in result.splits.items()}
     write_json_atomic(out_dir / f"{DATASET}-info.json", info)
     return result
 
 
-def _render_shard(seed, split, indices, size, frames, config, bar) -> Iterator[dict]:
-    for group in _render_groups(indices, size, frames):
-        for video in render_videos(seed, split, group, size, frames, config):
-            yield _encode(video)
-        bar.update(len(group))
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Render with one torch thread. The tensors are small, so parallel regions gain little,
+    and on a busy machine each one can stall for milliseconds waiting for its second thread;
+    use processes (`workers`) for parallelism instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_synthetic_shard(path, seed, split, indices, size, frames, config) -> int:
+    """Render videos `indices` of a split into one shard; return how many."""
+    with _single_threaded():
+        samples = (
+            _encode(video)
+            for group in _render_groups(indices, size, frames)
+            for video in render_videos(seed, split, group, size, frames, config)
+        )
+        write_shard(path, samples)
+    return len(indices)
 
 
 def _prepare_output(out_dir: Path, settings: dict, overwrite: bool) -> None:
@@ -528,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing synthetic shards"
     )
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="rendering processes"
+    )
     args = parser.parse_args(argv)
     try:
         config = SynthConfig(
@@ -550,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             videos_per_shard=args.videos_per_shard,
             config=config,
             overwrite=args.overwrite,
+            workers=args.workers,
         )
     except ValueError as error:
         parser.error(str(error))

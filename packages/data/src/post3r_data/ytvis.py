@@ -1,0 +1,426 @@
+"""Convert YouTube-VIS 2021 (official download layout) to WebDataset shards.
+
+Input: `<input>/train/JPEGImages/<video>/<frame>.jpg` and `<input>/train/instances.json`
+(per-frame COCO masks: polygons, RLE or compressed RLE, `null` where the object is absent).
+Only the official train split has masks, so validation is its last `val_videos` videos (300,
+as in SlotContrast) and training the rest, in the JSON's order.
+
+Output: `ytvis-train-NNNNNN.tar` and `ytvis-validation-NNNNNN.tar` in SlotContrast's format:
+`__key__` = the YT-VIS video id, `video.npy` uint8 (T, H, W, 3) with the short side resized to
+`size`, `segmentations.npy` uint8 (T, H, W, I) with one channel per instance holding its
+category id (0 where absent), plus a small `meta.json`. Shard k of a split always holds videos
+[k * n, (k + 1) * n) of that split, so an interrupted run resumes by keeping finished shards.
+
+CLI: `uv run apps/prepare-ytvis --input RAW --output OUT [--size 518] [--workers N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+from tqdm import tqdm
+
+from post3r_data.clips import nearest_indices
+from post3r_data.shards import (
+    ShardSummary,
+    encode_npy,
+    shard_name,
+    summarize_shards,
+    write_json_atomic,
+    write_shard,
+)
+
+DATASET = "ytvis"
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
+_DOWNLOAD_HINT = (
+    "download YouTube-VIS 2021 from https://youtube-vos.org/dataset/vis/ and unpack it so that "
+    "<input>/train/JPEGImages/ and <input>/train/instances.json exist"
+)
+
+
+class BadVideoError(ValueError):
+    """A video whose frames or annotations cannot be converted."""
+
+    def __init__(self, video_id: Any, name: str, reason: str) -> None:
+        super().__init__(f"video {video_id} ({name}): {reason}")
+        self.video_id, self.name, self.reason = video_id, name, reason
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Everything one worker needs to convert one video."""
+
+    video: dict
+    annotations: tuple[dict, ...]
+    image_root: Path
+    size: int
+    resample: str
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the short side scaled to `size`, the long side rounded half up."""
+    if height <= width:
+        return size, int(width * size / height + 0.5)
+    return int(height * size / width + 0.5), size
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 0/1 mask from a COCO polygon list, RLE or compressed RLE."""
+    if isinstance(segmentation, list):  # polygons
+        if not segmentation:
+            return np.zeros((height, width), np.uint8)
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = coco_mask.frPyObjects(segmentation, height, width)  # uncompressed RLE
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation  # compressed RLE
+    else:
+        raise ValueError(f"unknown segmentation format {type(segmentation).__name__}")
+    with warnings.catch_warnings():  # pycocotools' own NumPy 2 deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = coco_mask.decode(rle)
+    if decoded.shape != (height, width):
+        raise ValueError(f"mask of size {decoded.shape} in a {height}x{width} video")
+    return decoded
+
+
+def _load_frames(task: _Task, name: str) -> list[Image.Image]:
+    video = task.video
+    frames = []
+    for file_name in video["file_names"]:
+        path = task.image_root / file_name
+        if not path.is_file():
+            raise BadVideoError(video["id"], name, f"frame {path} is missing")
+        try:
+            with Image.open(path) as image:
+                frames.append(image.convert("RGB"))
+        except OSError as error:
+            raise BadVideoError(video["id"], name, f"cannot decode {path}: {error}") from None
+    sizes = {f.size for f in frames}
+    expected = (video.get("width"), video.get("height"))
+    if len(sizes) != 1 or (None not in expected and sizes != {expected}):
+        raise BadVideoError(
+            video["id"],
+            name,
+            f"frame sizes {sorted(sizes)} differ from each other or from {expected}",
+        )
+    return frames
+
+
+def _instance_masks(
+    task: _Task, name: str, height: int, width: int, out_hw: tuple[int, int]
+) -> np.ndarray:
+    """(T, h, w, I) uint8 category ids, one channel per instance (one empty channel if none)."""
+    frames = len(task.video["file_names"])
+    rows, cols = nearest_indices(height, out_hw[0]), nearest_indices(width, out_hw[1])
+    channels = []
+    for annotation in task.annotations:
+        segmentations = annotation.get("segmentations") or []
+        if len(segmentations) != frames:
+            raise BadVideoError(
+                task.video["id"],
+                name,
+                f"annotation {annotation.get('id')} has {len(segmentations)} masks "
+                f"for {frames} frames",
+            )
+        category = annotation["category_id"]
+        if not 1 <= category <= 255:
+            raise BadVideoError(task.video["id"], name, f"category id {category} outside 1..255")
+        channel = np.zeros((frames, *out_hw), np.uint8)
+        for t, segmentation in enumerate(segmentations):
+            if segmentation is None:  # the object is absent from this frame
+                continue
+            try:
+                full = decode_segmentation(segmentation, height, width)
+            except (ValueError, TypeError) as error:
+                raise BadVideoError(
+                    task.video["id"], name, f"annotation {annotation.get('id')} frame {t}: {error}"
+                ) from None
+            channel[t] = full[rows][:, cols] * np.uint8(category)
+        channels.append(channel)
+    if not channels:
+        return np.zeros((frames, *out_hw, 1), np.uint8)
+    return np.stack(channels, axis=-1)
+
+
+def convert_video(task: _Task) -> dict[str, bytes]:
+    """One video as an encoded shard sample; raises BadVideoError naming the video."""
+    video = task.video
+    files = video.get("file_names") or []
+    name = files[0].split("/")[0] if files else "?"
+    if not files:
+        raise BadVideoError(video["id"], name, "lists no frames")
+    if video.get("length", len(files)) != len(files):
+        raise BadVideoError(
+            video["id"], name, f"length {video['length']} but {len(files)} file names"
+        )
+    frames = _load_frames(task, name)
+    width, height = frames[0].size
+    out_h, out_w = resized_shape(height, width, task.size)
+    if (out_h, out_w) != (height, width):
+        frames = [f.resize((out_w, out_h), _FILTERS[task.resample]) for f in frames]
+    pixels = np.stack([np.asarray(f) for f in frames])
+    masks = _instance_masks(task, name, height, width, (out_h, out_w))
+    meta = {
+        "video_id": video["id"],
+        "name": name,
+        "original_size": [height, width],
+        "num_objects": len(task.annotations),
+        "category_ids": [a["category_id"] for a in task.annotations],
+        "annotation_ids": [a.get("id") for a in task.annotations],
+    }
+    return {
+        "__key__": str(video["id"]),
+        "video.npy": encode_npy(pixels),
+        "segmentations.npy": encode_npy(masks),
+        "meta.json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def _try_convert(task: _Task) -> dict[str, bytes] | BadVideoError:
+    """Return the error instead of raising, so the pool keeps going and the main decides."""
+    try:
+        return convert_video(task)
+    except BadVideoError as error:
+        return error
+
+
+def _ordered_map(function: Callable, items: Iterable, workers: int) -> Iterator:
+    """map() over a process pool, in order, with a bounded number of items in flight."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def load_annotations(input_dir: Path) -> tuple[list[dict], dict[Any, list[dict]]]:
+    """Videos in JSON order and the non-crowd annotations of each video."""
+    path = input_dir / "train" / "instances.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"YouTube-VIS annotations not found at {path}; {_DOWNLOAD_HINT}")
+    try:
+        content = json.loads(path.read_text())
+        videos = content["videos"]
+        annotations = content.get("annotations") or []
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a YouTube-VIS instances file: {error}") from None
+    by_video: dict[Any, list[dict]] = {v["id"]: [] for v in videos}
+    for annotation in annotations:
+        if not annotation.get("iscrowd", 0) and annotation["video_id"] in by_video:
+            by_video[annotation["video_id"]].append(annotation)
+    return videos, by_video
+
+
+@dataclass
+class ConversionResult:
+    """Totals per split (over all finished shards) and the videos left out with --skip-bad."""
+
+    splits: dict[str, ShardSummary] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    kept_shards: int = 0  # finished shards found from an earlier run and not redone
+
+
+def convert_ytvis(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    size: int = 518,
+    workers: int = 1,
+    videos_per_shard: int = 10,
+    val_videos: int = 300,
+    splits: Sequence[str] = ("train", "validation"),
+    resample: str = "bilinear",
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert the official train split into training and validation shards (see module doc)."""
+    input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
+    if resample not in _FILTERS:
+        raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {resample!r}")
+    if size < 1 or videos_per_shard < 1 or val_videos < 0:
+        raise ValueError("size and videos_per_shard must be >= 1 and val_videos >= 0")
+    videos, annotations = load_annotations(input_dir)
+    if val_videos >= len(videos):
+        raise ValueError(f"val_videos={val_videos} leaves no training videos out of {len(videos)}")
+    image_root = input_dir / "train" / "JPEGImages"
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"frame directory {image_root} not found; {_DOWNLOAD_HINT}")
+    split_videos = {
+        "train": videos[: len(videos) - val_videos],
+        "validation": videos[len(videos) - val_videos :],
+    }
+    settings = {
+        "size": size,
+        "videos_per_shard": videos_per_shard,
+        "val_videos": val_videos,
+        "resample": resample,
+        "num_videos": len(videos),
+    }
+    previous = _prepare_output(output_dir, settings, overwrite)
+
+    result = ConversionResult(skipped=list(previous.get("skipped", [])))
+    summaries = dict(previous.get("splits", {}))
+    for split in splits:
+        plan = [
+            (
+                output_dir / shard_name(DATASET, split, i),
+                split_videos[split][first : first + videos_per_shard],
+            )
+            for i, first in enumerate(range(0, len(split_videos[split]), videos_per_shard))
+        ]
+        todo = [(path, chunk) for path, chunk in plan if not path.exists()]
+        result.kept_shards += len(plan) - len(todo)
+        redo = {v["id"] for _, chunk in todo for v in chunk}
+        result.skipped = [
+            s for s in result.skipped if s["split"] != split or s["video_id"] not in redo
+        ]
+        tasks = (
+            _Task(v, tuple(annotations[v["id"]]), image_root, size, resample)
+            for _, chunk in todo
+            for v in chunk
+        )
+        total = len(split_videos[split])
+        done = total - sum(len(chunk) for _, chunk in todo)
+        with tqdm(
+            total=total, initial=done, desc=f"ytvis {split}", unit="video", disable=not progress
+        ) as bar:
+            converted = _ordered_map(_try_convert, tasks, workers)
+            for path, chunk in todo:
+                samples = _accept(
+                    islice(converted, len(chunk)), split, skip_bad, result.skipped, bar
+                )
+                write_shard(path, samples)
+        result.splits[split] = summarize_shards(path for path, _ in plan)
+        summaries[split] = result.splits[split].as_dict()
+        info = {"dataset": DATASET, "settings": settings, "splits": summaries}
+        write_json_atomic(output_dir / f"{DATASET}-info.json", info | {"skipped": result.skipped})
+    return result
+
+
+def _accept(
+    results: Iterable, split: str, skip_bad: bool, skipped: list[dict], bar: tqdm
+) -> Iterator[dict]:
+    """Pass converted samples on; record bad videos (skip_bad) or raise on the first one."""
+    for converted in results:
+        bar.update(1)
+        if isinstance(converted, BadVideoError):
+            if not skip_bad:
+                raise BadVideoError(
+                    converted.video_id,
+                    converted.name,
+                    f"{converted.reason}; fix or remove it, or pass --skip-bad to leave it out",
+                )
+            skipped.append(
+                {
+                    "split": split,
+                    "video_id": converted.video_id,
+                    "name": converted.name,
+                    "reason": converted.reason,
+                }
+            )
+            continue
+        yield converted
+
+
+def _prepare_output(output_dir: Path, settings: dict, overwrite: bool) -> dict:
+    """Check that earlier shards were made with the same settings (or remove them)."""
+    info_path = output_dir / f"{DATASET}-info.json"
+    existing = sorted(output_dir.glob(f"{DATASET}-*.tar")) if output_dir.exists() else []
+    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        info_path.unlink(missing_ok=True)
+        return {}
+    if existing and previous.get("settings") != settings:
+        raise ValueError(
+            f"{output_dir} already holds YouTube-VIS shards made with other settings "
+            f"({previous.get('settings')} instead of {settings}); "
+            "use another --output or --overwrite"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(info_path, {**previous, "dataset": DATASET, "settings": settings})
+    return previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="apps/prepare-ytvis",
+        description="Convert YouTube-VIS 2021 into ytvis-{train,validation}-NNNNNN.tar shards "
+        "(SlotContrast's format). Validation = the last --val-videos training videos.",
+    )
+    parser.add_argument("--input", required=True, type=Path, help="unpacked YouTube-VIS 2021 root")
+    parser.add_argument("--output", required=True, type=Path, help="directory for the shards")
+    parser.add_argument("--size", type=int, default=518, help="short side in pixels (default 518)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--videos-per-shard", type=int, default=10)
+    parser.add_argument("--val-videos", type=int, default=300)
+    parser.add_argument("--split", choices=["train", "validation", "all"], default="all")
+    parser.add_argument(
+        "--filter", choices=sorted(_FILTERS), default="bilinear", help="frame resampling"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="leave out broken videos, list them"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete existing ytvis shards first"
+    )
+    args = parser.parse_args(argv)
+    splits = ["train", "validation"] if args.split == "all" else [args.split]
+    try:
+        result = convert_ytvis(
+            args.input,
+            args.output,
+            size=args.size,
+            workers=args.workers,
+            videos_per_shard=args.videos_per_shard,
+            val_videos=args.val_videos,
+            splits=splits,
+            resample=args.filter,
+            skip_bad=args.skip_bad,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.kept_shards:
+        print(f"kept {result.kept_shards} finished shards from an earlier run")
+    for split, s in result.splits.items():
+        print(
+            f"{split:>10}: {s.videos} videos, {s.frames} frames, {s.objects} objects, "
+            f"{s.shards} shards, {s.bytes / 1e9:.2f} GB"
+        )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad videos:")
+        for entry in result.skipped:
+            print(
+                f"  {entry['split']} video {entry['video_id']} ({entry['name']}): {entry['reason']}"
+            )
+    print(f"shards in {args.output}")
+    return 0
