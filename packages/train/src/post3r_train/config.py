@@ -173,10 +173,11 @@ class DatasetConfig:
 
     `root`: the data directory (`--data-dir` sets it). `name`: the shards' dataset prefix
     (`synthetic`, `ytvis`, `movi_c`, ...); `synthetic` shards are generated when missing.
-    `chunk_size`: frames per training clip. `train_resampling`: draw shards with replacement (an
-    endless stream, SlotContrast's choice) instead of shuffled passes. `val_size`: validation
-    videos to use (null: all). `val_num_frames`: frames per validation video (null: all).
-    `image_size`: frames are resized/cropped to this square size (null: as stored).
+    `chunk_size`: frames per training clip. `train_resampling`: draw shards with replacement, an
+    endless stream (SlotContrast's choice; the only mode post3r_data's loader has, so it must
+    stay true). `val_chunk_size`: cut validation videos into clips of this many frames (null:
+    whole videos; they must then share a length to be batched). `image_size`: frames are
+    cropped and resized to this square size (null: the synthetic resolution).
     """
 
     name: str = "synthetic"
@@ -186,8 +187,7 @@ class DatasetConfig:
     num_workers: int = 0
     chunk_size: int = 4
     train_resampling: bool = True
-    val_size: int | None = None
-    val_num_frames: int | None = None
+    val_chunk_size: int | None = None
     image_size: int | None = None
     shuffle_buffer: int = 100
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -315,6 +315,18 @@ def validate(cfg: DictConfig) -> None:
         _positive(m[key], f"model.{key}")
     for key in ("batch_size", "val_batch_size", "chunk_size"):
         _positive(d[key], f"dataset.{key}")
+    if not d.train_resampling:
+        raise ConfigError(
+            "dataset.train_resampling=false is not supported: the training stream draws shards "
+            "with replacement (post3r_data.make_train_loader); leave it true"
+        )
+    if d.name != "synthetic" and d.image_size is None:
+        raise ConfigError(f"set dataset.image_size for dataset.name={d.name} (e.g. 518)")
+    if d.chunk_size < 2 and m.slots.predictor != "none":
+        raise ConfigError(
+            "dataset.chunk_size must be >= 2 with a predictor (it learns from frame t to t+1; "
+            "with one frame it would get no gradient), or set model.slots.predictor=none"
+        )
     if d.num_workers < 0:
         raise ConfigError(f"dataset.num_workers must be >= 0, got {d.num_workers}")
     if len(m.decoder_resolution) != 2 or min(m.decoder_resolution) < 1:

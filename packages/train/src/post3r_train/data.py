@@ -13,11 +13,12 @@ import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("post3r_train")
@@ -118,12 +119,82 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
 
 @dataclass
 class Loaders:
-    """The engine's factories: `train(start)` -> batches from position `start` of this rank's
-    stream; `val()` -> this rank's share of the validation set."""
+    """The engine's factories: `train(start)` -> endless batches from position `start` (in
+    batches) of this rank's stream; `val()` -> this rank's share of the validation set."""
 
-    train: Any
-    val: Any
+    train: Callable[[int], Iterator[dict]]
+    val: Callable[[], Iterable[dict]]
 
 
-def _batches(loader: Iterable[dict]) -> Iterator[dict]:
-    yield from loader
+def frame_size(cfg: DictConfig) -> int:
+    size = cfg.dataset.image_size
+    if size is None and cfg.dataset.name == "synthetic":
+        size = cfg.dataset.synthetic.resolution
+    if size is None:
+        raise ValueError(
+            f"set dataset.image_size: frames of {cfg.dataset.name} are resized to it "
+            "(518 for DINOv2 ViT-B/14 as in the reference)"
+        )
+    return int(size)
+
+
+def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
+    """Loaders over `<root>/<dataset.name>-{train,validation}-NNNNNN.tar`."""
+    from post3r_data import find_shards, make_train_loader, make_val_loader
+
+    d = cfg.dataset
+    train_shards = find_shards(root, d.name, "train")
+    val_shards = find_shards(root, d.name, "validation")
+    size = frame_size(cfg)
+    # One loader "epoch" per checkpoint interval: resuming from a checkpoint starts an epoch.
+    epoch = cfg.trainer.checkpoint_every_n_steps * cfg.trainer.accumulate_grad_batches
+    pin = cfg.trainer.accelerator != "cpu"
+
+    def train(start: int) -> Iterator[dict]:
+        loader = make_train_loader(
+            train_shards,
+            batch_size=d.batch_size,
+            chunk_size=d.chunk_size,
+            resolution=size,
+            num_workers=d.num_workers,
+            seed=cfg.seed,
+            start_step=start,
+            steps_per_epoch=epoch,
+            shuffle_buffer=d.shuffle_buffer,
+            frames_dtype=torch.uint8,
+            pin_memory=pin,
+        )
+        return _with_skip_counts(_endless(loader), loader)
+
+    def val() -> Iterable[dict]:
+        loader = make_val_loader(
+            val_shards,
+            resolution=size,
+            batch_size=d.val_batch_size,
+            chunk_size=d.val_chunk_size,
+            num_workers=min(d.num_workers, len(val_shards)),
+            frames_dtype=torch.uint8,
+            pin_memory=pin,
+        )
+        return _with_skip_counts(iter(loader), loader)
+
+    return Loaders(train, val)
+
+
+def _endless(loader: Iterable[dict]) -> Iterator[dict]:
+    while True:  # each pass over a TrainLoader is one epoch; the next continues the stream
+        yield from loader
+
+
+def _with_skip_counts(batches: Iterator[dict], loader: Any) -> Iterator[dict]:
+    """Tag each batch with the corrupt samples skipped while it was made (the engine sums
+    them into its log)."""
+    from post3r_train.engine import SKIPPED_KEY
+
+    seen = 0
+    for batch in batches:
+        skipped = loader.num_skipped
+        if skipped > seen:
+            batch[SKIPPED_KEY] = skipped - seen
+            seen = skipped
+        yield batch

@@ -238,7 +238,9 @@ class POST3RModel(TrainModule):
             )
             total = total + cfg.pointmap_weight * result.loss
             parts["pointmap"] = result.loss.detach()
-            parts.update({f"pointmap/{k}": v for k, v in result.parts.items()})
+            parts.update(
+                {f"pointmap/{k.removeprefix('pointmap_')}": v for k, v in result.parts.items()}
+            )
         if cfg.contrastive_weight > 0 and out["slots"].shape[1] > 1:
             result = slot_contrastive_loss(
                 out["slots"].float(),
@@ -248,7 +250,6 @@ class POST3RModel(TrainModule):
             total = total + cfg.contrastive_weight * result.loss
             parts["contrastive"] = result.loss.detach()
             parts["contrastive/accuracy"] = result.parts["contrastive_accuracy"]
-        parts["total"] = total.detach()
         return total, parts
 
     # ------------------------------------------------------------------------------------
@@ -260,7 +261,8 @@ class POST3RModel(TrainModule):
     @torch.no_grad()
     def validation_step(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
         out = self(batch)
-        _, parts = self.losses(out)
+        total, parts = self.losses(out)
+        metrics["loss_total"].update(total.detach())
         for name, value in parts.items():
             if "/" not in name:
                 metrics[f"loss_{name}"].update(value)

@@ -112,7 +112,9 @@ class TTT3RTeacher(nn.Module):
             frames = flat.clamp(0, 1).unflatten(0, (batch_size, time))
         # A fresh state for every clip: the reset happens before frame 0 and never after it.
         with torch.autocast(frames.device.type, enabled=False):
-            out, state = self.backbone.forward_video(frames.float(), state, outputs=self.outputs)
+            out, state = self.backbone.forward_video(
+                frames.float(), state=state, outputs=self.outputs
+            )
         grid = None
         if out.enc_tokens is not None:
             grid = (frames.shape[-2] // self.patch_size, frames.shape[-1] // self.patch_size)

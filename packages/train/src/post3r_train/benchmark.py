@@ -1,0 +1,193 @@
+"""`uv run apps/bench-train`: training steps per second and peak memory.
+
+Cases: the default config on the CPU, and (when a GPU is present) the `ytvis2021.yaml` shapes
+on the GPU: 518 px frames, DINOv2 ViT-B/14, the full-size TTT3R teacher. Frozen weights are
+random (no checkpoints needed: speed does not depend on their values). Batches are synthetic
+tensors of the config's shapes, so the figures measure the model step (forward, backward, AdamW)
+without data loading. Each case also times the frozen part (teacher + frozen encoder forward)
+alone, in the same run, and reports its share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from post3r_train.config import load_config, trainer_config
+from post3r_train.engine.trainer import autocast
+from post3r_train.model import POST3RModel, input_size
+
+RANDOM_FROZEN = [
+    "model.encoder.pretrained=false",
+    "model.teacher.random_weights=true",
+    "model.teacher.checkpoint=null",
+]
+
+
+@dataclass
+class Case:
+    name: str
+    config: str
+    device: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Result:
+    case: Case
+    batch: str
+    steps_per_s: float
+    frozen_share: float
+    peak_memory_gb: float
+    trainable_m: float
+
+
+def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """A training batch of the config's shapes: frames, ids, pointmaps 5 units in front of an
+    identity camera."""
+    b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
+    h, w = input_size(cfg)
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(b, t, h, w, 3, generator=generator) + torch.tensor([0.0, 0.0, 5.0])
+    batch = {
+        "frames": torch.rand(b, t, 3, h, w, generator=generator),
+        "segmentations": torch.randint(0, 5, (b, t, h, w), generator=generator),
+        "pointmap": points,
+        "camera_to_world": torch.eye(4).expand(b, t, 4, 4).clone(),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> Result:
+    device = torch.device(case.device)
+    cfg = load_config(case.config, [*RANDOM_FROZEN, *case.overrides, *overrides])
+    precision = trainer_config(cfg).precision_mode
+    torch.manual_seed(0)
+    model = POST3RModel.from_config(cfg).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = synthetic_batch(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss, _ = model.training_step(dict(batch))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    @torch.no_grad()
+    def frozen_forward() -> None:
+        with autocast(device, precision):
+            teacher = model._teacher(dict(batch), None, True)
+            if model.encoder is not None and not any(
+                p.requires_grad for p in model.encoder.parameters()
+            ):
+                model.encoder(batch["frames"])
+            del teacher
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        train_step()
+    step_s = _timed(train_step, steps, device)
+    frozen_s = _timed(frozen_forward, max(1, steps // 2), device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
+    h, w = input_size(cfg)
+    return Result(
+        case=case,
+        batch=f"{b}x{t}x{h}x{w}",
+        steps_per_s=1.0 / step_s,
+        frozen_share=frozen_s / step_s,
+        peak_memory_gb=peak,
+        trainable_m=sum(p.numel() for p in params) / 1e6,
+    )
+
+
+def format_table(results: list[Result]) -> str:
+    header = (
+        f"{'case':<22} {'device':<7} {'batch BxTxHxW':<16} {'steps/s':>8} {'ms/step':>8} "
+        f"{'frozen %':>8} {'peak GiB':>9} {'train M':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.case.name:<22} {r.case.device:<7} {r.batch:<16} {r.steps_per_s:>8.2f} "
+            f"{1000 / r.steps_per_s:>8.1f} {100 * r.frozen_share:>8.1f} "
+            f"{r.peak_memory_gb:>9.2f} {r.trainable_m:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def default_cases(device: str) -> list[Case]:
+    cases = []
+    if device in ("auto", "cpu"):
+        cases.append(Case("default (synthetic)", "default", "cpu"))
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        cases.append(Case("ytvis2021 shapes", "ytvis2021", "cuda"))
+    elif device == "cuda":
+        raise SystemExit("error: --device cuda but no CUDA/ROCm device is visible")
+    return cases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="apps/bench-train",
+        description="Training steps/s and peak memory: the default config on CPU, the "
+        "ytvis2021 shapes on a GPU when one is present.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every case")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--config", help="benchmark this config instead (on --device)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config:
+        device = (
+            "cuda"
+            if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        cases = [Case(args.config, args.config, device)]
+    else:
+        cases = default_cases(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", end="")
+    if torch.cuda.is_available():
+        print(f", {torch.cuda.get_device_name()}", end="")
+    print()
+    results = []
+    for case in cases:
+        print(f"running {case.name} on {case.device} ...", file=sys.stderr, flush=True)
+        results.append(run_case(case, args.steps, args.warmup, args.overrides))
+    print(format_table(results))
+    print("frozen % = teacher + frozen encoder forward time / whole training step (same run)")
+    return 0

@@ -1,0 +1,230 @@
+"""POST3R composition: gradients everywhere, frozen parts kept out of the state, the encoders and
+teachers by config, the 3D metric and the frame conventions."""
+
+import pytest
+import torch
+
+from post3r_train.config import load_config
+from post3r_train.encoders import IMAGENET_MEAN, IMAGENET_STD, DinoV2Encoder, MissingWeightsError
+from post3r_train.geometry import object_point_errors, to_first_camera
+from post3r_train.model import POST3RModel
+from post3r_train.teacher import MissingTargetError, TeacherOutput
+
+TINY_VIT = [
+    "model.encoder.name=dinov2",
+    "model.encoder.pretrained=false",
+    "model.encoder.image_size=28",
+    "model.encoder.block=2",
+    "model.encoder.timm_kwargs={embed_dim: 24, depth: 2, num_heads: 2}",
+    "model.feature_decoder.target=encoder",
+]
+TINY_TTT3R = [
+    "model.teacher.name=ttt3r",
+    "model.teacher.preset=tiny",
+    "model.teacher.random_weights=true",
+    "model.teacher.image_size=32",
+]
+
+
+def make_batch(b=2, t=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(b, t, size, size, dtype=torch.long)
+    q = size // 8
+    ids[..., q : 4 * q, q : 4 * q] = 1
+    ids[..., 5 * q : 7 * q, 4 * q : 7 * q] = 2
+    depth = 5.0 + torch.rand(b, t, size, size, generator=g)
+    points = torch.stack(
+        [
+            torch.randn(b, t, size, size, generator=g),
+            torch.randn(b, t, size, size, generator=g),
+            depth,
+        ],
+        -1,
+    )
+    return {
+        "frames": torch.rand(b, t, 3, size, size, generator=g),
+        "segmentations": ids,
+        "pointmap": points,
+        "camera_to_world": torch.eye(4).expand(b, t, 4, 4).clone(),
+    }
+
+
+def build(*overrides):
+    torch.manual_seed(0)
+    return POST3RModel.from_config(load_config("smoke", list(overrides)))
+
+
+def grads_missing(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("model.slots.initializer=fixed", "model.slots.predictor=none")],
+    ids=["default", "fixed-init-no-predictor"],
+)
+def test_every_trainable_parameter_gets_a_gradient(overrides):
+    model = build(*overrides)
+    loss, parts = model.training_step(make_batch())
+    loss.backward()
+    assert grads_missing(model) == []
+    assert {"feature", "pointmap", "contrastive"} <= set(parts)
+    weights = model.loss_cfg
+    expected = (
+        weights.feature_weight * parts["feature"]
+        + weights.pointmap_weight * parts["pointmap"]
+        + weights.contrastive_weight * parts["contrastive"]
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_zero_weight_terms_build_no_decoder_and_still_every_parameter_learns():
+    model = build("loss.pointmap_weight=0", "loss.contrastive_weight=0")
+    assert model.pointmap_decoder is None
+    loss, parts = model.training_step(make_batch())
+    loss.backward()
+    assert grads_missing(model) == []
+    assert set(parts) == {"feature"}
+
+
+def test_frozen_dinov2_and_ttt3r_stay_out_of_the_trainable_state():
+    model = build(*TINY_VIT, *TINY_TTT3R)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("teacher.backbone.") for n in frozen)
+    assert any(n.startswith("encoder.vit.") for n in frozen)
+    state = model.trainable_state_dict()
+    assert not any(k.startswith(("teacher.", "encoder.")) for k in state)
+    assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
+    loss, _ = model.training_step(make_batch())
+    loss.backward()
+    assert grads_missing(model) == []
+    assert all(p.grad is None for p in model.teacher.parameters())
+    fresh = build(*TINY_VIT, *TINY_TTT3R)
+    fresh.load_trainable_state_dict(state)
+    assert torch.equal(fresh.input_projection[1].weight, model.input_projection[1].weight)
+
+
+def test_frozen_parts_stay_in_eval_mode():
+    model = build(*TINY_VIT, *TINY_TTT3R).train()
+    assert not model.encoder.training and not model.teacher.training
+    assert model.processor.training
+
+
+def test_dinov2_encoder_is_block_n_of_imagenet_normalised_frames():
+    encoder = DinoV2Encoder(
+        pretrained=False,
+        block=1,
+        image_size=28,
+        timm_kwargs={"embed_dim": 24, "depth": 2, "num_heads": 2},
+    )
+    frames = torch.rand(1, 2, 3, 28, 28)
+    out = encoder(frames)
+    assert out.features.shape == (1, 2, 4, 24) and out.grid == (2, 2)
+    vit = encoder.vit
+    x = (frames[0] - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        3, 1, 1
+    )
+    tokens = vit._pos_embed(vit.patch_embed(x))
+    tokens = vit.blocks[0](vit.norm_pre(vit.patch_drop(tokens)))
+    expected = tokens[:, vit.num_prefix_tokens :]
+    torch.testing.assert_close(out.features[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dinov2_weights_load_from_safetensors_and_pth(tmp_path):
+    from safetensors.torch import save_file
+
+    kwargs = {"embed_dim": 24, "depth": 2, "num_heads": 2}
+    source = DinoV2Encoder(pretrained=False, image_size=28, block=2, timm_kwargs=kwargs)
+    state = {k: v.contiguous() for k, v in source.vit.state_dict().items()}
+    save_file(state, tmp_path / "vit.safetensors")
+    torch.save({"model": state}, tmp_path / "vit.pth")
+    frames = torch.rand(1, 1, 3, 28, 28)
+    for name in ("vit.safetensors", "vit.pth"):
+        loaded = DinoV2Encoder(weights=tmp_path / name, image_size=28, block=2, timm_kwargs=kwargs)
+        torch.testing.assert_close(loaded(frames).features, source(frames).features)
+
+
+def test_dinov2_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"model\.encoder\.weights"):
+        build("model.encoder.name=dinov2", "model.feature_decoder.target=encoder")
+    with pytest.raises(MissingWeightsError, match="no such file"):
+        build(
+            "model.encoder.name=dinov2",
+            "model.feature_decoder.target=encoder",
+            f"model.encoder.weights={tmp_path / 'missing.safetensors'}",
+        )
+
+
+def test_ttt3r_teacher_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.teacher\.checkpoint"):
+        build("model.teacher.name=ttt3r")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build("model.teacher.name=ttt3r", f"model.teacher.checkpoint={tmp_path / 'none.pth'}")
+
+
+def test_ttt3r_teacher_runs_each_clip_from_a_fresh_state_on_raw_frames():
+    model = build(*TINY_TTT3R, "model.encoder.name=ttt3r", "model.feature_decoder.target=encoder")
+    batch = make_batch()
+    teacher = model.teacher(batch)
+    backbone = model.teacher.backbone
+    # The oracle: the backbone stepped frame by frame from init_state, frames in [0, 1].
+    state = backbone.init_state(2)
+    for t in range(2):
+        out, state = backbone.step(batch["frames"][:, t], state)
+        torch.testing.assert_close(teacher.pointmap[:, t], out.pts3d_world)
+        torch.testing.assert_close(teacher.tokens[:, t], out.enc_tokens)
+    # A clip is independent of what ran before (the state never leaks between clips).
+    model.teacher(make_batch(seed=5))
+    torch.testing.assert_close(model.teacher(batch).pointmap, teacher.pointmap)
+    loss, parts = model.training_step(batch)
+    loss.backward()
+    assert grads_missing(model) == []
+    assert "pointmap/log_confidence" in parts  # the teacher's confidence is used
+
+
+def test_dataset_teacher_without_pointmaps_says_what_is_missing():
+    batch = make_batch()
+    del batch["pointmap"]
+    with pytest.raises(MissingTargetError, match="pointmap"):
+        build().training_step(batch)
+
+
+def test_wrong_frame_size_is_rejected():
+    with pytest.raises(ValueError, match=r"built for \(32, 32\)"):
+        build().training_step(make_batch(size=48))
+
+
+def test_first_camera_frame_makes_frame_zero_the_identity():
+    b, t = 1, 3
+    angle = torch.tensor(0.3)
+    pose = torch.eye(4).repeat(b, t, 1, 1)
+    pose[:, :, 0, 0], pose[:, :, 0, 2] = angle.cos(), angle.sin()
+    pose[:, :, 2, 0], pose[:, :, 2, 2] = -angle.sin(), angle.cos()
+    pose[:, :, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    pose[:, 1, 0, 3] += 0.5
+    camera_points = torch.randn(b, t, 4, 4, 3)
+    world = (
+        torch.einsum("btij,bthwj->bthwi", pose[..., :3, :3], camera_points)
+        + pose[:, :, None, None, :3, 3]
+    )
+    moved = to_first_camera(TeacherOutput(world, None, pose))
+    torch.testing.assert_close(
+        moved.camera_to_world[:, 0], torch.eye(4).expand(b, 4, 4), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(moved.pointmap[:, 0], camera_points[:, 0], atol=1e-5, rtol=0)
+
+
+def test_object_point_error_is_zero_for_a_scaled_perfect_prediction():
+    batch = make_batch(b=1, t=2, size=16)
+    ids = batch["segmentations"]
+    k = 3
+    masks = torch.nn.functional.one_hot(ids, k).movedim(-1, 2).float()  # slot = object id
+    truth = batch["pointmap"]
+    slot_points = (2.5 * truth)[:, :, None].expand(-1, -1, k, -1, -1, -1)
+    out = {"pointmap_masks": masks, "pointmap": 2.5 * truth, "slot_pointmaps": slot_points}
+    errors = object_point_errors(out, batch)
+    assert errors.object_error.shape == (2,)
+    torch.testing.assert_close(errors.object_error, torch.zeros(2), atol=1e-5, rtol=0)
+    wrong = dict(out, slot_pointmaps=slot_points.flip(2))  # each object gets another slot's points
+    wrong["slot_pointmaps"] = torch.where(masks[..., None].bool(), 0.0, 2.5 * truth[:, :, None])
+    assert (object_point_errors(wrong, batch).object_error > 0.5).all()
