@@ -30,6 +30,7 @@ from post3r_backbone.config import (
 from post3r_backbone.model import TTT3R
 
 RELEASED_CHECKPOINT = "cut3r_512_dpt_4_64.pth"
+RELEASED_URL = "https://drive.google.com/file/d/1Asz-ZB3FfpzZYwunhQvNPZEUA8XUNAYD"
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 CHECKPOINT_ENV = "POST3R_BACKBONE_CHECKPOINT"
 CONFIG_METADATA_KEY = "post3r_backbone.config"
@@ -55,9 +56,8 @@ def _require_file(path: Path) -> None:
     raise CheckpointNotFoundError(
         f"TTT3R checkpoint not found: {path}\n"
         f"TTT3R uses CUT3R's released weights, {RELEASED_CHECKPOINT} (about 3.2 GB): download it "
-        "from the CUT3R release (the checkpoint link in the README of "
-        "https://github.com/CUT3R/CUT3R; "
-        "TTT3R's README points to the same file) and put it at "
+        f"from the CUT3R release ({RELEASED_URL}, linked from the README of "
+        "https://github.com/CUT3R/CUT3R; TTT3R's README points to the same file) and put it at "
         f"{DEFAULT_CHECKPOINT_DIR / RELEASED_CHECKPOINT} "
         f"(or set ${CHECKPOINT_ENV} / pass its path). "
         "Optionally convert it once for fast loading: "

@@ -10,6 +10,7 @@ constant in sequence length.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -471,9 +472,8 @@ class TTT3R(nn.Module):
             return
         if not frame.is_floating_point():
             raise TypeError(f"frame must be float in [0, 1] or uint8, got {frame.dtype}")
-        low, high = torch.aminmax(frame.float())
-        low, high = low.item(), high.item()
-        if low != low or high != high or abs(low) == float("inf") or abs(high) == float("inf"):
+        low, high = torch.stack(torch.aminmax(frame.float())).tolist()  # one device sync
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("frame contains NaN or infinite values")
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(
