@@ -292,3 +292,17 @@ def test_rank_comes_from_the_environment(shards, monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="rank < world_size"):
         make_val_loader(shards, resolution=8)
+
+
+def test_urls_stream_through_webdataset_with_the_same_result(shards):
+    """Non-local URLs are streamed by webdataset instead of seeking; the batches agree."""
+    urls = [f"file:{path}" for path in shards]
+    local = list(make_val_loader(shards, resolution=8, chunk_size=2, batch_size=3))
+    streamed = list(make_val_loader(urls, resolution=8, chunk_size=2, batch_size=3))
+    assert len(local) == len(streamed) > 1
+    for a, b in zip(local, streamed, strict=True):
+        assert a["key"] == b["key"]
+        for name in ("frames", "segmentations", "frame_index"):
+            assert torch.equal(a[name], b[name])
+    train = make_train_loader(urls, batch_size=2, chunk_size=3, resolution=8, steps_per_epoch=2)
+    assert [b["frames"].shape for b in train] == [(2, 3, 3, 8, 8)] * 2

@@ -3,7 +3,7 @@
 The public API is listed in packages/data/README.md.
 """
 
-from post3r_data.clips import CorruptSampleError, instance_ids
+from post3r_data.clips import CorruptSampleError, CorruptShardError, instance_ids
 from post3r_data.loader import (
     TrainLoader,
     ValLoader,
@@ -16,6 +16,7 @@ from post3r_data.synth import SynthConfig, SynthResult, generate_synthetic_datas
 
 __all__ = [
     "CorruptSampleError",
+    "CorruptShardError",
     "ShardSummary",
     "SynthConfig",
     "SynthResult",

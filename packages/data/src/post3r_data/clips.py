@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from post3r_data.shards import decode_npy
+from post3r_data.shards import NpyMember, TarMember, decode_npy
 
 OPTIONAL_FIELDS = ("segmentations", "pointmap", "depth", "camera_to_world", "intrinsics")
 _PER_PIXEL = ("segmentations", "pointmap", "depth")
@@ -24,14 +24,19 @@ class CorruptSampleError(ValueError):
     """A shard sample that cannot be decoded or has inconsistent arrays."""
 
 
+class CorruptShardError(ValueError):
+    """A shard file that cannot be read to its end."""
+
+
 @dataclass
 class Video:
-    """One decoded sample: `video` uint8 (T, H, W, 3) and optional per-frame arrays."""
+    """One decoded sample: `video` uint8 (T, H, W, 3) and optional per-frame arrays, as arrays
+    or as `NpyMember`s that read only the frames a clip takes."""
 
     key: str
     source: str
-    video: np.ndarray
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    video: np.ndarray | NpyMember
+    extra: dict[str, np.ndarray | NpyMember] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -64,10 +69,15 @@ def instance_ids(segmentations: np.ndarray) -> np.ndarray:
         return segmentations
     if segmentations.shape[-1] == 1:
         return segmentations[..., 0]
-    present = segmentations != 0
-    ids = present.argmax(axis=-1) + 1
-    ids[present.sum(axis=-1) != 1] = 0
-    return ids.astype(np.uint8 if segmentations.shape[-1] < 256 else np.int32)
+    channels = segmentations.shape[-1]
+    ids = np.zeros(segmentations.shape[:-1], np.uint8 if channels < 256 else np.int32)
+    claims = np.zeros(segmentations.shape[:-1], np.int32)
+    for channel in range(channels):  # a loop over few channels beats reductions over the last axis
+        present = segmentations[..., channel] != 0
+        claims += present
+        ids[present] = channel + 1
+    ids[claims > 1] = 0
+    return ids
 
 
 def _expect(condition: bool, key: str, source: str, message: str) -> None:
@@ -83,7 +93,7 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
         data = sample.get(f"{name}.npy")
         _expect(data is not None, key, source, f"has no {name}.npy")
         try:
-            arrays[name] = decode_npy(data)
+            arrays[name] = NpyMember(data) if isinstance(data, TarMember) else decode_npy(data)
         except ValueError as error:
             raise CorruptSampleError(f"sample {key!r} in {source}: {name}.npy: {error}") from None
     video = arrays.pop("video")
@@ -103,7 +113,7 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
     for name, array in arrays.items():
         if name == "intrinsics":
             if array.shape == (3, 3):
-                arrays[name] = array = np.broadcast_to(array, (frames[0], 3, 3))
+                arrays[name] = array = np.broadcast_to(np.asarray(array), (frames[0], 3, 3))
             _expect(array.shape == (frames[0], 3, 3), key, source, f"intrinsics {array.shape}")
             continue
         expected, ndims = shapes[name]
@@ -138,13 +148,13 @@ def cut_clip(
 ) -> Clip:
     """Copy frames [start, start + length) inside the window (top, left, *size)."""
     rows, cols = slice(top, top + size[0]), slice(left, left + size[1])
-    frames = slice(start, start + length)
+    frames = slice(start, start + length)  # first, so lazy arrays read only these frames
     extra = {}
     for name, array in video.extra.items():
         if name == "segmentations":
-            extra[name] = instance_ids(array[frames, rows, cols]).copy()
+            extra[name] = instance_ids(array[frames][:, rows, cols]).copy()
         elif name in _PER_PIXEL:
-            extra[name] = array[frames, rows, cols].copy()
+            extra[name] = array[frames][:, rows, cols].copy()
         elif name == "intrinsics":
             k = np.array(array[frames], dtype=np.float64)
             k[:, 0, 2] -= left
@@ -156,7 +166,7 @@ def cut_clip(
         key=video.key,
         frame_index=np.arange(start, start + length, dtype=np.int64),
         box=(top, left, *size),
-        video=video.video[frames, rows, cols].copy(),
+        video=video.video[frames][:, rows, cols].copy(),
         extra=extra,
     )
 
@@ -200,7 +210,7 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
     out_h, out_w = out_hw
     _, _, crop_h, crop_w = clip.box
     resize = (crop_h, crop_w) != (out_h, out_w)
-    frames = torch.from_numpy(clip.video).permute(0, 3, 1, 2)  # (T, 3, h, w) uint8
+    frames = torch.from_numpy(clip.video).permute(0, 3, 1, 2).contiguous()  # (T, 3, h, w) uint8
     if resize or frames_dtype != torch.uint8:
         frames = frames.float().div_(255.0)
         if resize:
@@ -209,7 +219,7 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
         if frames_dtype == torch.uint8:
             frames = frames.mul_(255.0).round_().to(torch.uint8)
     out = {
-        "frames": frames.contiguous(),
+        "frames": frames,
         "key": clip.key,
         "frame_index": torch.from_numpy(clip.frame_index),
     }

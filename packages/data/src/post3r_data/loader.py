@@ -30,12 +30,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from post3r_data.clips import (
     OPTIONAL_FIELDS,
+    CorruptShardError,
     central_clips,
     collate,
     decode_video,
     finish_clip,
     random_clip,
 )
+from post3r_data.shards import read_local_shard
 
 OnError = Literal["warn", "raise"]
 # A worker that goes this many samples in a row without producing a clip gives up.
@@ -95,7 +97,7 @@ def consumer_share(shards: list[str], consumer: int, consumers: int) -> tuple[li
 def probe_fields(shard: str) -> tuple[str, ...]:
     """Optional fields present in the first sample of a shard."""
     try:
-        sample = next(iter(wds.tarfile_to_samples()([{"url": shard}])))
+        sample = next(read_samples(iter([{"url": shard}]), ErrorPolicy("raise"), fields=None))
     except StopIteration:
         raise ValueError(f"shard {shard} holds no samples") from None
     except Exception as error:
@@ -167,9 +169,36 @@ class _ClipSpec:
     frames_dtype: torch.dtype
 
 
-def _select_files(fields: tuple[str, ...]) -> Callable[[str], bool]:
-    wanted = {f"{name}.npy" for name in ("video", *fields)} | {"meta.json"}
-    return lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in wanted
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("file:")
+
+
+def read_samples(
+    sources: Iterator[dict], errors: ErrorPolicy, fields: tuple[str, ...] | None
+) -> Iterator[dict]:
+    """Raw samples of a stream of `{"url": ...}`, keeping `video` and `fields` (None: all).
+
+    Local files are read by seeking (`read_local_shard`), so unwanted fields and the frames a
+    clip does not take are never read; URLs stream through webdataset.
+    """
+    names = None if fields is None else {f"{name}.npy" for name in ("video", *fields)}
+
+    def wanted(field: str) -> bool:
+        return names is None or field in names
+
+    def wanted_file(fname: str) -> bool:
+        return wanted(fname.rsplit("/", 1)[-1].split(".", 1)[-1])
+
+    for source in sources:
+        url = source["url"]
+        if not _is_local(url):
+            stream = wds.tarfile_to_samples(handler=errors.handle, select_files=wanted_file)
+            yield from stream([source])
+            continue
+        try:
+            yield from read_local_shard(url, wanted)
+        except Exception as error:  # unreadable or truncated shard: skip the rest of it
+            errors.handle(CorruptShardError(f"shard {url}: {error}"))
 
 
 def _clips(
@@ -258,9 +287,7 @@ class _TrainStream(IterableDataset):
 
         pipeline = wds.DataPipeline(
             urls,
-            wds.tarfile_to_samples(
-                handler=self.errors.handle, select_files=_select_files(self.spec.fields)
-            ),
+            partial(read_samples, errors=self.errors, fields=self.spec.fields),
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
             wds.shuffle(
                 self.shuffle_buffer,
@@ -297,9 +324,7 @@ class _ValStream(IterableDataset):
 
         pipeline = wds.DataPipeline(
             lambda: ({"url": url} for url in share),
-            wds.tarfile_to_samples(
-                handler=self.errors.handle, select_files=_select_files(self.spec.fields)
-            ),
+            partial(read_samples, errors=self.errors, fields=self.spec.fields),
             mine,
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
             partial(_finish, spec=self.spec),

@@ -12,13 +12,14 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 SPLITS = ("train", "validation")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "training": "train"}
@@ -79,12 +80,9 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    """Read-only view of `.npy` bytes without copying the payload; object arrays are refused.
-
-    A view lets a loader copy only the frames it needs out of a whole video.
-    """
-    stream = io.BytesIO(data)
+def _npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a stream at the start of `.npy` data; object
+    (pickled) arrays are refused."""
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -94,14 +92,96 @@ def decode_npy(data: bytes) -> np.ndarray:
         raise ValueError(f"unsupported .npy format version {version}")
     if dtype.hasobject:
         raise ValueError("refusing to load an object (pickled) .npy array")
-    count = int(np.prod(shape))
+    return shape, fortran_order, dtype
+
+
+def _check_payload(available: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if available < int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f".npy payload is truncated: {available} bytes for shape {shape} {dtype}")
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Read-only view of `.npy` bytes without copying the payload; object arrays are refused.
+
+    A view lets a loader copy only the frames it needs out of a whole video.
+    """
+    stream = io.BytesIO(data)
+    shape, fortran_order, dtype = _npy_header(stream)
     offset = stream.tell()
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(
-            f".npy payload is truncated: {len(data) - offset} bytes for shape {shape} {dtype}"
-        )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    _check_payload(len(data) - offset, shape, dtype)
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset)
     return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+class TarMember(NamedTuple):
+    """Where a member's bytes lie in an open local shard."""
+
+    fd: int
+    offset: int
+    size: int
+
+
+class NpyMember:
+    """A C-ordered `.npy` tar member read lazily: its header at once, and then only the
+    leading-axis range that is indexed (`member[a:b]`), e.g. four frames of a whole video.
+
+    Reads use `os.pread`, so they do not disturb the tar reader's file position.
+    """
+
+    def __init__(self, member: TarMember) -> None:
+        stream = io.BytesIO(os.pread(member.fd, min(member.size, 65536), member.offset))
+        self.shape, fortran_order, self.dtype = _npy_header(stream)
+        if fortran_order:
+            raise ValueError("Fortran-ordered .npy arrays are not supported")
+        self._fd, self._start = member.fd, member.offset + stream.tell()
+        _check_payload(member.size - stream.tell(), self.shape, self.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("NpyMember supports contiguous leading-axis slices only")
+        start, stop, _ = index.indices(self.shape[0])
+        count = max(0, stop - start)
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        data = os.pread(self._fd, count * row, self._start + start * row)
+        if len(data) != count * row:
+            raise ValueError(".npy payload is truncated (the shard file ends early)")
+        return np.frombuffer(data, self.dtype).reshape(count, *self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+
+def read_local_shard(path: str, wanted: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
+    """Samples of a local tar shard, grouped like webdataset's, but seeking instead of streaming.
+
+    Fields that `wanted` rejects are skipped without being read. `.npy` fields come as
+    `TarMember`s (valid until the next sample is requested; open them with `NpyMember`), others
+    as bytes.
+    """
+    with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
+        sample: dict[str, Any] | None = None
+        for member in tar:
+            key, field = base_plus_ext(member.name)
+            if not member.isreg() or key is None:
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": path}
+            field = field.lower()
+            if not wanted(field):
+                continue
+            if field.endswith(".npy"):
+                sample[field] = TarMember(file.fileno(), member.offset_data, member.size)
+            else:
+                sample[field] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -> int:
@@ -156,13 +236,6 @@ class ShardSummary:
         return asdict(self)
 
 
-def _npy_shape(fileobj: Any) -> tuple[int, ...]:
-    version = np.lib.format.read_magic(fileobj)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fileobj)[0]
-    return np.lib.format.read_array_header_2_0(fileobj)[0]
-
-
 def summarize_shards(paths: Iterable[str | os.PathLike]) -> ShardSummary:
     """Count videos, frames and objects by reading only tar headers, npy headers and meta.json.
 
@@ -177,7 +250,7 @@ def summarize_shards(paths: Iterable[str | os.PathLike]) -> ShardSummary:
             for member in tar:
                 if member.name.endswith(".video.npy"):
                     total.videos += 1
-                    total.frames += _npy_shape(tar.extractfile(member))[0]
+                    total.frames += _npy_header(tar.extractfile(member))[0][0]
                 elif member.name.endswith(".meta.json"):
                     meta = json.load(tar.extractfile(member))
                     total.objects += int(meta.get("num_objects", 0))
