@@ -217,3 +217,13 @@ def test_restricted_unpickler_keeps_foreign_objects_inert():
     assert isinstance(loaded["args"], safe_pickle.StandIn)
     assert loaded["args"].qualified_name in ("posix.system", "nt.system")
     assert loaded["n"] == {1, 2}
+
+
+def test_linear_head_checkpoint_loads_from_its_own_args(frames, tmp_path):
+    torch.manual_seed(0)
+    model = TTT3R(TTT3RConfig.preset("tiny", head_type="linear", img_size=(224, 224))).freeze()
+    path = tmp_path / "linear.pth"
+    save_original_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config.head_type == "linear"
+    assert_identical(outputs_of(loaded, frames[:, :2]), outputs_of(model, frames[:, :2]))
