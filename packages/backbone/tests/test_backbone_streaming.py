@@ -172,6 +172,14 @@ def test_uint8_frames_are_scaled(tiny_model, frames):
     torch.testing.assert_close(from_bytes.pts3d_world, from_floats.pts3d_world)
 
 
+def test_small_overshoot_is_clipped(tiny_model, frames):
+    state = tiny_model.init_state(2)
+    overshoot = frames[:, 0] * 1.1 - 0.05  # e.g. bicubic resampling ringing
+    clipped, _ = tiny_model.step(overshoot, state)
+    reference, _ = tiny_model.step(overshoot.clamp(0, 1), state)
+    assert torch.equal(clipped.pts3d_world, reference.pts3d_world)
+
+
 @pytest.mark.parametrize(
     ("make_frame", "batch", "error", "message"),
     [

@@ -93,6 +93,7 @@ DEFAULT_OUTPUTS = (
     "pose_token",
     "positions",
 )
+RANGE_SLACK = 0.1  # frames may overshoot [0, 1] this much (resampling); beyond it is an error
 _HEAD_PARTS = {
     "pts3d_world": "world",
     "conf_world": "world",
@@ -441,10 +442,13 @@ class TTT3R(nn.Module):
     # Input checks
 
     def _normalise(self, frame: Tensor) -> Tensor:
-        """[0, 1] (or uint8) frames -> the [-1, 1] range the model was trained on."""
+        """[0, 1] (or uint8) frames -> the [-1, 1] range the model was trained on.
+
+        Small overshoots (e.g. from bicubic resizing) are clipped, as 8-bit images would be.
+        """
         if frame.dtype == torch.uint8:
-            frame = frame.float() / 255
-        return frame.float() * 2 - 1
+            return frame.float() / 127.5 - 1
+        return frame.float().clamp(0, 1) * 2 - 1
 
     def _check_frames(self, frame: Tensor, batch_size: int | None) -> None:
         """Shape, dtype, finiteness and [0, 1] range (one device sync); batch size unless None."""
@@ -475,7 +479,7 @@ class TTT3R(nn.Module):
         low, high = torch.stack(torch.aminmax(frame.float())).tolist()  # one device sync
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("frame contains NaN or infinite values")
-        if low < -1e-3 or high > 1 + 1e-3:
+        if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
             raise ValueError(
                 f"frame values span [{low:.3g}, {high:.3g}] but must be in [0, 1]: pass raw "
                 "frames, the backbone normalises them itself (do not pre-normalise to [-1, 1] "
