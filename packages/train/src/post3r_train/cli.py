@@ -111,7 +111,7 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     configure_logging(args.verbose, args.quiet)
     try:
         cfg = load_run_config(args)

@@ -119,10 +119,12 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
 
 @dataclass
 class Loaders:
-    """The engine's factories: `train(start)` -> endless batches from position `start` (in
-    batches) of this rank's stream; `val()` -> this rank's share of the validation set."""
+    """The engine's factories: `train(start)` -> this rank's batches from position `start` (in
+    batches; one pass is one loader epoch, the engine asks again for the next); `val()` -> this
+    rank's share of the validation set. Both loaders count skipped corrupt samples
+    (`num_skipped`), which the engine reports."""
 
-    train: Callable[[int], Iterator[dict]]
+    train: Callable[[int], Iterable[dict]]
     val: Callable[[], Iterable[dict]]
 
 
@@ -150,8 +152,8 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
     epoch = cfg.trainer.checkpoint_every_n_steps * cfg.trainer.accumulate_grad_batches
     pin = cfg.trainer.accelerator != "cpu"
 
-    def train(start: int) -> Iterator[dict]:
-        loader = make_train_loader(
+    def train(start: int) -> Iterable[dict]:
+        return make_train_loader(
             train_shards,
             batch_size=d.batch_size,
             chunk_size=d.chunk_size,
@@ -164,10 +166,9 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
             frames_dtype=torch.uint8,
             pin_memory=pin,
         )
-        return _with_skip_counts(_endless(loader), loader)
 
     def val() -> Iterable[dict]:
-        loader = make_val_loader(
+        return make_val_loader(
             val_shards,
             resolution=size,
             batch_size=d.val_batch_size,
@@ -176,25 +177,5 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
             frames_dtype=torch.uint8,
             pin_memory=pin,
         )
-        return _with_skip_counts(iter(loader), loader)
 
     return Loaders(train, val)
-
-
-def _endless(loader: Iterable[dict]) -> Iterator[dict]:
-    while True:  # each pass over a TrainLoader is one epoch; the next continues the stream
-        yield from loader
-
-
-def _with_skip_counts(batches: Iterator[dict], loader: Any) -> Iterator[dict]:
-    """Tag each batch with the corrupt samples skipped while it was made (the engine sums
-    them into its log)."""
-    from post3r_train.engine import SKIPPED_KEY
-
-    seen = 0
-    for batch in batches:
-        skipped = loader.num_skipped
-        if skipped > seen:
-            batch[SKIPPED_KEY] = skipped - seen
-            seen = skipped
-        yield batch

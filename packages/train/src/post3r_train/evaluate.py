@@ -53,7 +53,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from post3r_train import engine
     from post3r_train.data import build_loaders, prepare_data
     from post3r_train.runs import load_run
