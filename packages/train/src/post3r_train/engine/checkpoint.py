@@ -143,19 +143,20 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 
 
 def find_checkpoint(run_or_file: Path) -> Path:
-    """The checkpoint `--continue` means: the file itself, or a run directory's newest one."""
+    """The checkpoint a path names (`--continue`, evaluation): the file itself, or a run
+    directory's `last.ckpt`, else its newest `step=*.ckpt`."""
     path = Path(run_or_file)
     if path.is_file():
         return path
     if not path.is_dir():
-        raise CheckpointError(f"--continue {path}: no such run directory or checkpoint file")
+        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
     directory = path / "results" / "checkpoints" if (path / "results").is_dir() else path
     if (directory / LAST).is_file():
         return directory / LAST
     steps = step_checkpoints(directory)
     if not steps:
         raise CheckpointError(
-            f"--continue {path}: no checkpoint in {directory} (expected {LAST} or step=*.ckpt); "
-            "the run stopped before its first checkpoint, so start it again without --continue"
+            f"{path}: no checkpoint in {directory} (expected {LAST} or step=*.ckpt); the run "
+            "stopped before its first checkpoint, so there is nothing to resume or evaluate"
         )
     return steps[-1][1]

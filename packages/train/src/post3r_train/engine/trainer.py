@@ -79,7 +79,9 @@ class CheckpointWriteError(RuntimeError):
 
 @dataclass
 class FitResult:
-    """What `fit` did: the step it reached, why it stopped, its last validation metrics."""
+    """What `fit` did: the step it reached, why it stopped, its last validation metrics.
+
+    Every rank gets one; `rank` says which (report on rank 0 only)."""
 
     step: int
     stop_reason: str
@@ -88,6 +90,7 @@ class FitResult:
     checkpoint: Path | None = None
     nan_skipped: int = 0
     data_skipped: int = 0
+    rank: int = 0
 
 
 def fit(
@@ -457,6 +460,7 @@ class Trainer:
             checkpoint=self.checkpoint,
             nan_skipped=self.nan_skipped,
             data_skipped=self.data_skipped,
+            rank=self.env.rank,
         )
 
     def _due(self, interval: int) -> bool:
