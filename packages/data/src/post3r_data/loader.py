@@ -231,33 +231,22 @@ def _rng_seeds(*entropy: int) -> tuple[int, int, int]:
     return tuple(int(s) for s in np.random.SeedSequence(list(entropy)).generate_state(3, np.uint64))
 
 
+@dataclass
 class _TrainStream(IterableDataset):
     """One rank's training batches; each DataLoader worker builds its own pipeline."""
 
-    def __init__(
-        self,
-        shards,
-        spec,
-        errors,
-        batch_size,
-        seed,
-        rank,
-        world_size,
-        shuffle_buffer,
-        crop_scale,
-        clips_per_video,
-    ):
-        super().__init__()
-        self.shards, self.spec, self.errors = shards, spec, errors
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.crop_scale, self.clips_per_video = (
-            shuffle_buffer,
-            crop_scale,
-            clips_per_video,
-        )
-        self.epoch = 0
-        self.skip_batches = 0  # batches of this epoch (over all workers) already consumed
+    shards: list[str]
+    spec: _ClipSpec
+    errors: ErrorPolicy
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    shuffle_buffer: int
+    crop_scale: tuple[float, float]
+    clips_per_video: int
+    epoch: int = 0
+    skip_batches: int = 0  # batches of this epoch (over all workers) already consumed
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
@@ -301,13 +290,16 @@ class _TrainStream(IterableDataset):
         return iter(pipeline)
 
 
+@dataclass
 class _ValStream(IterableDataset):
     """One rank's validation batches: its share of the videos, each exactly once."""
 
-    def __init__(self, shards, spec, errors, batch_size, rank, world_size):
-        super().__init__()
-        self.shards, self.spec, self.errors = shards, spec, errors
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+    shards: list[str]
+    spec: _ClipSpec
+    errors: ErrorPolicy
+    batch_size: int
+    rank: int
+    world_size: int
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
@@ -456,13 +448,13 @@ def make_train_loader(
         urls,
         spec,
         ErrorPolicy(on_error),
-        batch_size,
-        seed,
-        rank,
-        world_size,
-        max(1, shuffle_buffer),
-        tuple(crop_scale),
-        clips_per_video,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=max(1, shuffle_buffer),
+        crop_scale=tuple(crop_scale),
+        clips_per_video=clips_per_video,
     )
     return TrainLoader(stream, steps_per_epoch, start_step, num_workers, pin_memory)
 

@@ -49,7 +49,7 @@ from post3r_data.shards import (
 
 DATASET = "synthetic"
 _SPLIT_CODES = {"train": 0, "validation": 1}
-_ARENA_RADIUS = 2.4  # object centres start inside this disc around the origin
+_ARENA_RADIUS = 2.2  # object centres start inside this disc around the origin
 _MARGIN = 0.1  # minimum gap between object bounding circles at every frame
 _MAX_SPEED = 0.05  # world units per frame at object_motion = 1
 _MAX_SPIN = 0.08  # radians per frame at object_motion = 1
@@ -198,10 +198,10 @@ def _camera_path(rng: np.random.Generator, config: SynthConfig, frames: int) -> 
     min_elevation = math.radians(config.fov_degrees / 2 + 10)
     max_elevation = math.radians(70)
     elevation0 = rng.uniform(
-        max(math.radians(35), min_elevation), max(min_elevation, math.radians(55))
+        max(math.radians(40), min_elevation), max(min_elevation, math.radians(60))
     )
     azimuth0 = rng.uniform(0, 2 * np.pi)
-    distance0 = rng.uniform(6.0, 7.5)
+    distance0 = rng.uniform(5.2, 6.5)
     target0 = np.array([rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), 0.2])
     azimuth_rate = rng.uniform(-1, 1) * math.radians(3.0) * motion
     elevation_rate = rng.uniform(-1, 1) * math.radians(0.6) * motion
