@@ -219,6 +219,7 @@ def test_interrupted_conversion_resumes_without_redoing_shards(fake_root, tmp_pa
     first = out / "ytvis-train-000000.tar"
     assert first.exists() and not (out / "ytvis-train-000001.tar").exists()
     assert not list(out.glob("*.tmp"))  # the unfinished shard left nothing behind
+    assert json.loads((out / "ytvis-info.json").read_text())["complete"] is False
     before = first.stat().st_mtime_ns, first.read_bytes()
 
     calls.clear()
@@ -231,6 +232,7 @@ def test_interrupted_conversion_resumes_without_redoing_shards(fake_root, tmp_pa
     assert calls == [13]  # only the video of the unfinished shard
     assert result.kept_shards == 1 and result.splits["train"].videos == 3
     assert (first.stat().st_mtime_ns, first.read_bytes()) == before
+    assert json.loads((out / "ytvis-info.json").read_text())["complete"] is True
 
     with pytest.raises(ValueError, match="other settings"):
         convert_ytvis(root, out, size=SIZE + 2, videos_per_shard=2, val_videos=2, progress=False)

@@ -12,10 +12,10 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import webdataset as wds
@@ -27,6 +27,7 @@ _CREATE_COMMANDS = {
     "ytvis": "uv run apps/prepare-ytvis --input <YouTube-VIS 2021 download> --output {dir}",
     "synthetic": "uv run apps/synth --output {dir} --videos 1000",
 }
+T = TypeVar("T")
 # Tar member times are fixed so that the same content gives the same bytes.
 _TAR_MTIME = 0.0
 
@@ -217,6 +218,45 @@ def write_json_atomic(path: str | os.PathLike, content: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def plan_shards(
+    out_dir: Path, dataset: str, split: str, items: Sequence[T], per_shard: int
+) -> list[tuple[Path, Sequence[T]]]:
+    """(path, items) of every shard of a split: shard k always holds items [k n, (k + 1) n),
+    so an interrupted writer can keep the shards it finished."""
+    return [
+        (out_dir / shard_name(dataset, split, shard), items[first : first + per_shard])
+        for shard, first in enumerate(range(0, len(items), per_shard))
+    ]
+
+
+def prepare_output_dir(out_dir: Path, dataset: str, settings: dict, overwrite: bool) -> dict:
+    """Make `out_dir` ready for `<dataset>` shards written with `settings`; return the
+    previous `<dataset>-info.json` content (empty if none or after `overwrite`).
+
+    Existing shards made with other settings are refused (they would mix with new ones)
+    unless `overwrite`, which deletes them first. The info file is marked incomplete until the
+    writer finishes.
+    """
+    info_path = out_dir / f"{dataset}-info.json"
+    existing = sorted(out_dir.glob(f"{dataset}-*.tar")) if out_dir.exists() else []
+    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        info_path.unlink(missing_ok=True)
+        previous = {}
+    elif existing and previous.get("settings") != settings:
+        raise ValueError(
+            f"{out_dir} already holds {dataset} shards made with other settings "
+            f"({previous.get('settings')} instead of {settings}); use another output "
+            "directory or overwrite them (--overwrite)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {**previous, "dataset": dataset, "settings": settings, "complete": False}
+    write_json_atomic(info_path, info)
+    return previous
 
 
 @dataclass

@@ -41,7 +41,8 @@ from post3r_data.shards import (
     ShardSummary,
     canonical_split,
     encode_npy,
-    shard_name,
+    plan_shards,
+    prepare_output_dir,
     summarize_shards,
     write_json_atomic,
     write_shard,
@@ -451,18 +452,12 @@ def generate_synthetic_dataset(
         "videos_per_shard": videos_per_shard,
         "config": asdict(config) | {"shapes": list(config.shapes)},
     }
-    _prepare_output(out_dir, settings, overwrite)
+    prepare_output_dir(out_dir, DATASET, settings, overwrite)
 
     result = SynthResult(out_dir=out_dir)
     counts = {"train": num_videos, "validation": num_val_videos}
     plan = {
-        split: [
-            (
-                out_dir / shard_name(DATASET, split, shard),
-                list(range(first, min(first + videos_per_shard, count))),
-            )
-            for shard, first in enumerate(range(0, count, videos_per_shard))
-        ]
+        split: plan_shards(out_dir, DATASET, split, range(count), videos_per_shard)
         for split, count in counts.items()
     }
     todo = [
@@ -524,26 +519,6 @@ def _write_synthetic_shard(path, seed, split, indices, size, frames, config) -> 
         )
         write_shard(path, samples)
     return len(indices)
-
-
-def _prepare_output(out_dir: Path, settings: dict, overwrite: bool) -> None:
-    """Check that an existing directory was made with the same settings (or wipe it)."""
-    info_path = out_dir / f"{DATASET}-info.json"
-    existing = sorted(out_dir.glob(f"{DATASET}-*.tar")) if out_dir.exists() else []
-    if overwrite:
-        for path in existing:
-            path.unlink()
-        info_path.unlink(missing_ok=True)
-    elif existing:
-        old = json.loads(info_path.read_text()).get("settings") if info_path.exists() else None
-        if old != settings:
-            raise ValueError(
-                f"{out_dir} already holds synthetic shards made with different settings "
-                f"({old} instead of {settings}); use another directory or overwrite=True "
-                f"(CLI: --overwrite)"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(info_path, {"dataset": DATASET, "settings": settings, "complete": False})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

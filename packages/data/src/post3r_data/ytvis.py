@@ -38,7 +38,8 @@ from post3r_data.clips import nearest_indices
 from post3r_data.shards import (
     ShardSummary,
     encode_npy,
-    shard_name,
+    plan_shards,
+    prepare_output_dir,
     summarize_shards,
     write_json_atomic,
     write_shard,
@@ -282,18 +283,18 @@ def convert_ytvis(
         "resample": resample,
         "num_videos": len(videos),
     }
-    previous = _prepare_output(output_dir, settings, overwrite)
+    previous = prepare_output_dir(output_dir, DATASET, settings, overwrite)
 
     result = ConversionResult(skipped=list(previous.get("skipped", [])))
     summaries = dict(previous.get("splits", {}))
+
+    def save_info(complete: bool) -> None:
+        info = {"dataset": DATASET, "settings": settings, "splits": summaries}
+        info |= {"skipped": result.skipped, "complete": complete}
+        write_json_atomic(output_dir / f"{DATASET}-info.json", info)
+
     for split in splits:
-        plan = [
-            (
-                output_dir / shard_name(DATASET, split, i),
-                split_videos[split][first : first + videos_per_shard],
-            )
-            for i, first in enumerate(range(0, len(split_videos[split]), videos_per_shard))
-        ]
+        plan = plan_shards(output_dir, DATASET, split, split_videos[split], videos_per_shard)
         todo = [(path, chunk) for path, chunk in plan if not path.exists()]
         result.kept_shards += len(plan) - len(todo)
         redo = {v["id"] for _, chunk in todo for v in chunk}
@@ -318,8 +319,8 @@ def convert_ytvis(
                 write_shard(path, samples)
         result.splits[split] = summarize_shards(path for path, _ in plan)
         summaries[split] = result.splits[split].as_dict()
-        info = {"dataset": DATASET, "settings": settings, "splits": summaries}
-        write_json_atomic(output_dir / f"{DATASET}-info.json", info | {"skipped": result.skipped})
+        save_info(complete=False)
+    save_info(complete=True)
     return result
 
 
@@ -346,27 +347,6 @@ def _accept(
             )
             continue
         yield converted
-
-
-def _prepare_output(output_dir: Path, settings: dict, overwrite: bool) -> dict:
-    """Check that earlier shards were made with the same settings (or remove them)."""
-    info_path = output_dir / f"{DATASET}-info.json"
-    existing = sorted(output_dir.glob(f"{DATASET}-*.tar")) if output_dir.exists() else []
-    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
-    if overwrite:
-        for path in existing:
-            path.unlink()
-        info_path.unlink(missing_ok=True)
-        return {}
-    if existing and previous.get("settings") != settings:
-        raise ValueError(
-            f"{output_dir} already holds YouTube-VIS shards made with other settings "
-            f"({previous.get('settings')} instead of {settings}); "
-            "use another --output or --overwrite"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(info_path, {**previous, "dataset": DATASET, "settings": settings})
-    return previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
