@@ -1,0 +1,344 @@
+"""Forward+backward time and peak memory of the slot pipeline, per component.
+
+Defaults are YT-VIS scale (B=8, T=4, N=37·37, D=768, K=7, Ds=128). Every component runs in a
+baseline setting (fp32 eager) and a variant measured in the same run (bf16 autocast by default,
+or torch.compile), and the table prints their ratio.
+
+    uv run apps/bench-slots            # the GPU if there is one, else the CPU
+    PYTHONPATH=packages/kernels/src:packages/slots/src \
+        python3 -m post3r_slots.benchmark --device cuda
+
+Memory is the peak above what was allocated before the step (inputs and weights): from the
+CUDA caching allocator on a GPU; on a CPU from the peak resident set of a forked child process
+that runs only that measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import post3r_slots as ps
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch: int
+    frames: int
+    patches: int
+    feature_dim: int
+    slots: int
+    slot_dim: int
+    decoder_hidden: tuple[int, ...]
+    resolution: tuple[int, int]
+    target_resolution: tuple[int, int]
+
+    def describe(self) -> str:
+        hidden = "x".join(map(str, self.decoder_hidden))
+        return (
+            f"B={self.batch} T={self.frames} N={self.patches} D={self.feature_dim} "
+            f"K={self.slots} Ds={self.slot_dim}; MLP decoder hidden {hidden}; pointmap "
+            f"{self.resolution[0]}x{self.resolution[1]}, target "
+            f"{self.target_resolution[0]}x{self.target_resolution[1]}"
+        )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    milliseconds: float
+    peak_mib: float
+
+
+Step = Callable[[], torch.Tensor]
+"""Runs one forward pass and returns the scalar to backpropagate."""
+
+
+def _leaf(*shape: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(*shape, device=device, requires_grad=True)
+
+
+def _slot_attention_step(sizes: Sizes, device: torch.device) -> Step:
+    s = sizes
+    processor = ps.SlotVideoProcessor(
+        ps.FixedLearnedInit(s.slots, s.slot_dim),
+        ps.SlotAttention(s.feature_dim, s.slot_dim, iterations=2, first_frame_iterations=3),
+        ps.TransformerPredictor(s.slot_dim),
+    ).to(device)
+    features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
+    return lambda: processor(features).slots.float().square().mean()
+
+
+def _recurrent_step(sizes: Sizes, device: torch.device) -> Step:
+    s = sizes
+    side = int(s.patches**0.5)
+    grid = (side, s.patches // side) if side * (s.patches // side) == s.patches else (1, s.patches)
+    processor = ps.SlotVideoProcessor(
+        ps.FixedLearnedInit(s.slots, s.slot_dim),
+        ps.RecurrentSlotDecoder(s.feature_dim, s.slot_dim, num_blocks=3, grid_size=grid),
+        detach_between_frames=True,
+    ).to(device)
+    features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
+    return lambda: processor(features).slots.float().square().mean()
+
+
+def _mlp_decoder_step(sizes: Sizes, device: torch.device) -> Step:
+    s = sizes
+    decoder = ps.MLPDecoder(s.slot_dim, s.feature_dim, s.patches, s.decoder_hidden).to(device)
+    slots = _leaf(s.batch, s.frames, s.slots, s.slot_dim, device=device)
+    return lambda: decoder(slots).reconstruction.float().square().mean()
+
+
+def _pointmap_decoder_step(sizes: Sizes, device: torch.device) -> Step:
+    s = sizes
+    decoder = ps.PointmapDecoder(s.slot_dim, resolution=s.resolution, pose_dim=7).to(device)
+    slots = _leaf(s.batch, s.frames, s.slots, s.slot_dim, device=device)
+    pose = torch.randn(s.batch, s.frames, 7, device=device)
+    return lambda: decoder(slots, pose).pointmap.float().square().mean()
+
+
+def _losses_step(sizes: Sizes, device: torch.device) -> Step:
+    s = sizes
+    frames = (s.batch, s.frames)
+    reconstruction = _leaf(*frames, s.patches, s.feature_dim, device=device)
+    features = torch.randn(*frames, s.patches, s.feature_dim, device=device)
+    pointmap = _leaf(*frames, *s.resolution, 3, device=device)
+    target = torch.randn(*frames, *s.target_resolution, 3, device=device)
+    confidence = 1 + torch.rand(*frames, *s.target_resolution, device=device).exp()
+    slots = _leaf(*frames, s.slots, s.slot_dim, device=device)
+
+    def step() -> torch.Tensor:
+        feature = ps.feature_reconstruction_loss(reconstruction, features).loss
+        points = ps.pointmap_loss(pointmap, target, confidence=confidence).loss
+        return feature + points + ps.slot_contrastive_loss(slots).loss
+
+    return step
+
+
+COMPONENTS: dict[str, Callable[[Sizes, torch.device], Step]] = {
+    "slot attention + predictor": _slot_attention_step,
+    "recurrent slot decoder (POST3R)": _recurrent_step,
+    "MLP feature decoder": _mlp_decoder_step,
+    "pointmap decoder": _pointmap_decoder_step,
+    "losses (MSE, pointmap, contrastive)": _losses_step,
+}
+PIPELINE = (
+    "slot attention + predictor",
+    "MLP feature decoder",
+    "pointmap decoder",
+    "losses (MSE, pointmap, contrastive)",
+)
+
+
+def _time_step(step: Step, device: torch.device, variant: str, warmup: int, repeats: int):
+    """Run forward+backward ``warmup + repeats`` times; return the median time in ms."""
+    if variant == "compile":
+        step = torch.compile(step)
+    autocast = variant == "bf16"
+
+    def run() -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = step()
+        loss.backward()
+        _synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    for _ in range(warmup):
+        run()
+    return statistics.median(run() for _ in range(repeats))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    component: str, sizes: Sizes, device: torch.device, variant: str, warmup: int, repeats: int
+) -> Measurement:
+    """Build ``component`` and measure its forward+backward in this process."""
+    torch.manual_seed(0)
+    step = COMPONENTS[component](sizes, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        milliseconds = _time_step(step, device, variant, warmup, repeats)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = _resident_bytes()
+        milliseconds = _time_step(step, device, variant, warmup, repeats)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return Measurement(milliseconds, peak / MiB)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _measure_in_child(connection, *args) -> None:
+    try:
+        connection.send(measure(*args))
+    except BaseException as error:  # report any failure (e.g. MemoryError) to the parent
+        connection.send(f"{type(error).__name__}: {error}")
+    finally:
+        connection.close()
+
+
+def measure_isolated(*args) -> Measurement | str:
+    """CPU: measure in a child process so its peak resident memory is this measurement's alone.
+
+    Children are forked from a forkserver that has imported torch but never computed, which is
+    fast (no re-import) and safe (no OpenMP state inherited from a parent that computed).
+    Returns an error string if the child fails or is killed (e.g. out of memory).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "post3r_slots.benchmark"])
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_in_child, args=(sender, *args))
+    child.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:
+        result = None
+    child.join()
+    return result or f"child process died with exit code {child.exitcode} (out of memory?)"
+
+
+def _format(result: Measurement | str | None, field: str) -> str:
+    if isinstance(result, Measurement):
+        return f"{getattr(result, field):10.1f}"
+    return f"{'n/a':>10}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or not denominator:
+        return f"{'n/a':>8}"
+    return f"{numerator / denominator:7.2f}x"
+
+
+def _value(result: Measurement | str | None, field: str) -> float | None:
+    return getattr(result, field) if isinstance(result, Measurement) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda given but no CUDA/ROCm device is available", file=sys.stderr)
+        return 2
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
+    sizes = Sizes(
+        args.batch_size,
+        args.frames,
+        args.patches,
+        args.feature_dim,
+        args.slots,
+        args.slot_dim,
+        tuple(args.decoder_hidden),
+        tuple(args.resolution),
+        tuple(args.target_resolution),
+    )
+    variants = ("fp32", args.compare)
+    print(f"post3r-slots benchmark on {_device_name(device)}; {sizes.describe()}")
+    print(
+        f"forward+backward per step, median of {repeats} (after {warmup} warm-up); memory = "
+        f"peak above inputs and weights; ratios = fp32 / {args.compare}"
+    )
+    header = (
+        f"{'component':36}" + "".join(f"{f'{v} ms':>10}{f'{v} MiB':>10}" for v in variants)
+        + f"{'speed-up':>9}{'memory':>9}"
+    )  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    totals = {variant: [0.0, 0.0] for variant in variants}
+    for component in COMPONENTS:
+        results = {}
+        for variant in variants:
+            arguments = (component, sizes, device, variant, warmup, repeats)
+            result = measure(*arguments) if device.type == "cuda" else measure_isolated(*arguments)
+            if isinstance(result, str):
+                print(f"  {component} [{variant}] failed: {result}", file=sys.stderr)
+            results[variant] = result
+            if component in PIPELINE and isinstance(result, Measurement):
+                totals[variant][0] += result.milliseconds
+                totals[variant][1] = max(totals[variant][1], result.peak_mib)
+        _print_row(component, results, variants)
+    summary = {variant: Measurement(*totals[variant]) for variant in variants}
+    print("-" * len(header))
+    _print_row("pipeline (sum of rows except POST3R)", summary, variants)
+    print("pipeline memory is the largest component's peak (they run one after another).")
+    return 0
+
+
+def _print_row(name: str, results: dict, variants: tuple[str, str]) -> None:
+    base, other = (results.get(v) for v in variants)
+    cells = "".join(
+        _format(results.get(v), "milliseconds") + _format(results.get(v), "peak_mib")
+        for v in variants
+    )
+    speed = _ratio(_value(base, "milliseconds"), _value(other, "milliseconds"))
+    memory = _ratio(_value(base, "peak_mib"), _value(other, "peak_mib"))
+    print(f"{name:36}{cells} {speed} {memory}", flush=True)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench-slots",
+        description="Forward+backward time and peak memory of the post3r-slots pipeline.",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda (default: auto: cuda if available)"
+    )
+    parser.add_argument(
+        "--compare",
+        choices=("bf16", "compile"),
+        default="bf16",
+        help="variant measured against fp32 eager: bf16 autocast or torch.compile (default: bf16)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--patches", type=int, default=37 * 37)
+    parser.add_argument("--feature-dim", type=int, default=768)
+    parser.add_argument("--slots", type=int, default=7)
+    parser.add_argument("--slot-dim", type=int, default=128)
+    parser.add_argument(
+        "--decoder-hidden", type=int, nargs="+", default=[1024, 1024, 1024], metavar="WIDTH"
+    )
+    parser.add_argument("--resolution", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    parser.add_argument(
+        "--target-resolution", type=int, nargs=2, default=[518, 518], metavar=("H", "W"),
+        help="resolution of the pointmap target in the losses row (default: 518 518)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 3 on GPU)")
+    parser.add_argument("--repeats", type=int, help="timed steps (default: 1 on CPU, 10 on GPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
