@@ -282,6 +282,10 @@ def test_fields_select_and_validate(shards):
         make_val_loader(shards, resolution=8, fields=["normals"])
     with pytest.raises(ValueError, match="refusing shell-command"):
         make_val_loader("pipe:cat x.tar", resolution=8)
+    with pytest.raises(ValueError, match=r"is a directory; pass its shards: find_shards\("):
+        make_val_loader(str(Path(shards[0]).parent), resolution=8)
+    with pytest.raises(ValueError, match=r"cannot read shard .*missing\.tar"):
+        make_train_loader([shards[0] + ".missing.tar"], batch_size=1, chunk_size=1, resolution=8)
 
 
 def test_rank_comes_from_the_environment(shards, monkeypatch):

@@ -1,9 +1,9 @@
 """Decoding shard samples into videos, cutting clips, cropping and resizing.
 
-A decoded video keeps read-only views into the sample's bytes; cutting a clip copies only the
-frames and the crop window it needs. Resizing happens last: frames with antialiased bilinear
-filtering, label ids, depth and pointmaps with nearest-neighbour sampling (no blending across
-object boundaries), intrinsics rescaled to match.
+A decoded video holds read-only views of the sample's bytes, or lazy `NpyMember`s for local
+shards; cutting a clip reads and copies only the frames and the crop window it needs. Resizing
+happens last: frames with antialiased bilinear filtering, label ids, depth and pointmaps with
+nearest-neighbour sampling (no blending across object boundaries), intrinsics rescaled to match.
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ def _expand(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
     for url in urls:
         if url.startswith("pipe:"):
             raise ValueError(f"refusing shell-command shard URL {url!r}; pass file paths")
+        if os.path.isdir(url):
+            raise ValueError(
+                f"{url} is a directory; pass its shards: find_shards({url!r}, dataset, split)"
+            )
     return urls
 
 
