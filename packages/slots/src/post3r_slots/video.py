@@ -91,8 +91,9 @@ class SlotVideoProcessor(nn.Module):
             masks.append(masks_t)
             if self.detach_between_frames:
                 slots = slots.detach()
-        stack = lambda tensors: torch.stack(tensors, dim=1)  # noqa: E731
-        return VideoSlots(stack(corrected), stack(predicted), stack(masks))
+        return VideoSlots(
+            *(torch.stack(per_frame, dim=1) for per_frame in (corrected, predicted, masks))
+        )
 
     def _correct(
         self,
