@@ -280,6 +280,10 @@ def test_fields_select_and_validate(shards):
     assert set(batch) == {"frames", "frame_index", "key"}
     with pytest.raises(ValueError, match="unknown fields"):
         make_val_loader(shards, resolution=8, fields=["normals"])
+    half = next(iter(make_val_loader(shards, resolution=8, frames_dtype=torch.bfloat16)))
+    assert half["frames"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="frames_dtype must be"):
+        make_val_loader(shards, resolution=8, frames_dtype=torch.int32)
     with pytest.raises(ValueError, match="refusing shell-command"):
         make_val_loader("pipe:cat x.tar", resolution=8)
     with pytest.raises(ValueError, match=r"is a directory; pass its shards: find_shards\("):

@@ -218,6 +218,8 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
             frames = frames.clamp_(0.0, 1.0)
         if frames_dtype == torch.uint8:
             frames = frames.mul_(255.0).round_().to(torch.uint8)
+        else:
+            frames = frames.to(frames_dtype)
     out = {
         "frames": frames,
         "key": clip.key,

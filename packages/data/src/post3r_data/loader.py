@@ -68,6 +68,12 @@ def _resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _frames_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype != torch.uint8 and not dtype.is_floating_point:
+        raise ValueError(f"frames_dtype must be torch.uint8 or a floating dtype, got {dtype}")
+    return dtype
+
+
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit values, else the initialised process group, else RANK/WORLD_SIZE, else (0, 1)."""
     if rank is None or world_size is None:
@@ -447,7 +453,9 @@ def make_train_loader(
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
     rank, world_size = _rank_and_world(rank, world_size)
-    spec = _ClipSpec(_resolution(resolution), chunk_size, _fields(urls, fields), frames_dtype)
+    spec = _ClipSpec(
+        _resolution(resolution), chunk_size, _fields(urls, fields), _frames_dtype(frames_dtype)
+    )
     stream = _TrainStream(
         urls,
         spec,
@@ -488,6 +496,8 @@ def make_val_loader(
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError("batch_size and chunk_size must be >= 1")
     rank, world_size = _rank_and_world(rank, world_size)
-    spec = _ClipSpec(_resolution(resolution), chunk_size, _fields(urls, fields), frames_dtype)
+    spec = _ClipSpec(
+        _resolution(resolution), chunk_size, _fields(urls, fields), _frames_dtype(frames_dtype)
+    )
     stream = _ValStream(urls, spec, ErrorPolicy(on_error), batch_size, rank, world_size)
     return ValLoader(stream, num_workers, pin_memory)
