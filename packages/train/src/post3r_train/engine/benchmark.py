@@ -3,10 +3,13 @@
     python -m post3r_train.engine.benchmark                 # 1 and 2 CPU processes
     python -m post3r_train.engine.benchmark --processes 1 2 4 --accelerator gpu
 
-The workload is a synthetic regression MLP (no data loading), so the figures measure the
-engine: autocast, DDP gradient all-reduce, the per-step collective, logging. Each setting runs in
-fresh processes started by `launch_local`; the first steps are warm-up and not counted. A plain
-PyTorch loop over the same model in one process is the baseline.
+    python -m post3r_train.engine.benchmark --config smoke  # the real model and data
+
+The default workload is a synthetic regression MLP (no data loading), so the figures measure the
+engine: autocast, DDP gradient all-reduce, the per-step collective, logging. `--config` times a
+run config's POST3R model with its data loaders instead. Each setting runs in fresh processes
+started by `launch_local`; the first steps are warm-up and not counted. A plain PyTorch loop over
+the same model and data in one process is the baseline.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from torchmetrics import MeanSquaredError, MetricCollection
 
 from post3r_train.engine.config import OptimConfig, TrainerConfig
 from post3r_train.engine.launch import launch_local
-from post3r_train.engine.module import TrainModule
-from post3r_train.engine.trainer import fit
+from post3r_train.engine.module import TrainModule, move_to_device
+from post3r_train.engine.trainer import TrainLoaderFactory, _batch_size, fit
 
 
 class RegressionMLP(TrainModule):
@@ -61,13 +64,29 @@ def synthetic_batches(width: int, batch_size: int, seed: int) -> Iterator[dict]:
         yield {"x": x, "y": x @ target}
 
 
+def workload(args: argparse.Namespace) -> tuple[TrainModule, TrainLoaderFactory]:
+    """The module and train-loader factory to time: the MLP, or a run config's real model."""
+    torch.manual_seed(0)
+    if args.config is None:
+        module = RegressionMLP(args.width, args.depth)
+        return module, lambda start: synthetic_batches(
+            args.width, args.batch_size, seed=start + _rank()
+        )
+    from post3r_train.config import load_config
+    from post3r_train.data import build_loaders, prepare_data
+    from post3r_train.model import POST3RModel
+
+    cfg = load_config(args.config, [f"trainer.accelerator={args.accelerator}"])
+    torch.manual_seed(cfg.seed)
+    return POST3RModel.from_config(cfg), build_loaders(cfg, prepare_data(cfg)).train
+
+
 def run_worker(args: argparse.Namespace) -> None:
     """One process of a setting: train, then rank 0 writes its per-step rates."""
-    torch.manual_seed(0)
-    log_dir = Path(args.out) / f"p{args.nproc}"
+    module, train_loader = workload(args)
     result = fit(
-        RegressionMLP(args.width, args.depth),
-        lambda start: synthetic_batches(args.width, args.batch_size, seed=start + _rank()),
+        module,
+        train_loader,
         trainer=TrainerConfig(
             max_steps=args.warmup + args.steps,
             log_every_n_steps=1,
@@ -78,11 +97,11 @@ def run_worker(args: argparse.Namespace) -> None:
             progress_bar=False,
         ),
         optim=OptimConfig(lr=1e-3, warmup_steps=0),
-        log_dir=log_dir,
+        log_dir=Path(args.out) / f"p{args.nproc}",
         experiment="bench",
         tensorboard=False,
     )
-    if result.run_dir is not None and _rank() == 0:
+    if result.run_dir is not None and result.rank == 0:
         with open(result.run_dir / "logs" / "metrics" / "metrics.csv") as file:
             rows = [r for r in csv.DictReader(file) if int(r["step"]) > args.warmup]
         steps = statistics.median(float(r["train/steps_per_s"]) for r in rows)
@@ -92,28 +111,38 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def plain_loop(args: argparse.Namespace) -> dict[str, float]:
-    """Baseline: the same model and optimiser in a bare loop, one process."""
-    torch.manual_seed(0)
+    """Baseline: the same model, data and optimiser in a bare loop, one process."""
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    model = RegressionMLP(args.width, args.depth).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = synthetic_batches(args.width, args.batch_size, seed=0)
-    times = []
+    module, train_loader = workload(args)
+    module.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    batches = _endless(train_loader)
+    times, samples = [], 0
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(batches).items()}
+        batch = move_to_device(next(batches), device)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = model.training_step(batch)
+        loss, _ = module.training_step(batch)
         loss.backward()
         optimizer.step()
         loss.item()  # the engine reads the loss every step too
         times.append(time.perf_counter() - start)
+        samples = _batch_size(batch)
     steps = 1.0 / statistics.median(times[args.warmup :])
-    return {"steps_per_s": steps, "samples_per_s": steps * args.batch_size}
+    return {"steps_per_s": steps, "samples_per_s": steps * samples}
 
 
-SHARED = ("steps", "warmup", "width", "depth", "batch_size", "accelerator", "precision")
+SHARED = ("steps", "warmup", "width", "depth", "batch_size", "accelerator", "precision", "config")
 """Settings the launcher passes on to its workers."""
+
+
+def _endless(train_loader: TrainLoaderFactory) -> Iterator[dict]:
+    """Batches from position 0 on, restarting a loader that ends (one epoch per pass)."""
+    position = 0
+    while True:
+        for batch in train_loader(position):
+            position += 1
+            yield batch
 
 
 def _rank() -> int:
@@ -131,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--precision", default="32")
     parser.add_argument("--threads", type=int, help="per process (default: cores / max procs)")
+    parser.add_argument("--config", help="time a run config's real model and data (e.g. smoke)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     # (not a different BLAS threading), and no setting oversubscribes the machine.
     threads = args.threads or max(1, (cores or 1) // max(args.processes))
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    what = f"MLP {args.depth}x{args.width}, batch {args.batch_size} per process"
+    if args.config is not None:
+        what = f"config {args.config} (POST3R model and its data loaders)"
     torch.set_num_threads(threads)
     print(
-        f"engine benchmark: MLP {args.depth}x{args.width}, batch {args.batch_size} per process, "
+        f"engine benchmark: {what}, "
         f"{args.steps} steps after {args.warmup} warm-up, {args.accelerator}, precision "
         f"{args.precision}, {threads} thread(s) per process, {cores} cores (load average "
         f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}"
@@ -156,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for nproc in args.processes:
-            worker = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SHARED]
+            shared = {name: getattr(args, name) for name in SHARED}
+            worker = [f"--{k.replace('_', '-')}={v}" for k, v in shared.items() if v is not None]
             worker += ["--worker", f"--nproc={nproc}", f"--out={out}"]
             if launch_local(nproc, worker, module="post3r_train.engine.benchmark") != 0:
                 print(f"engine, {nproc} process(es): failed")
