@@ -271,3 +271,12 @@ def test_linear_head_model_streams(frames):
     assert video.pts3d_world.shape == video.pts3d_self.shape == (2, 3, 48, 64, 3)
     assert (video.pts3d_self[..., 2] >= 0).all()  # the linear head keeps self points in front
     assert video.rgb.shape == (2, 3, 48, 64, 3)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_shallow_decoders_feed_the_heads_four_layers(depth, frames):
+    """The heads read layers L/2 and 3L/4; for L = 2 both are layer 1, as in the original."""
+    model = TTT3R(TTT3RConfig.preset("tiny", dec_depth=depth)).freeze()
+    out, _ = model.step(frames[:, 0], model.init_state(2), outputs=["dec_hooks", "pts3d_world"])
+    assert len(out.dec_hooks) == 4 and out.pts3d_world.shape == (2, 48, 64, 3)
+    assert (out.dec_hooks[1] is out.dec_hooks[2]) == (depth == 2)

@@ -356,6 +356,7 @@ class TTT3R(nn.Module):
         pose_position = positions.new_full((batch, 1, 2), -1)
         image_positions = torch.cat([pose_position, positions], dim=1)
         state_positions = self.state_positions(batch)
+        hook_layers = (depth * 2 // 4, depth * 3 // 4)  # one layer twice when depth = 2
         hooks, logit_sum = [features], None
         for layer, (state_block, image_block) in enumerate(
             zip(self.dec_blocks_state, self.dec_blocks, strict=True), start=1
@@ -367,8 +368,7 @@ class TTT3R(nn.Module):
             state = new_state
             if logits is not None:
                 logit_sum = logits if logit_sum is None else logit_sum + logits
-            if layer in (depth * 2 // 4, depth * 3 // 4):
-                hooks.append(image[:, 1:])
+            hooks += [image[:, 1:]] * hook_layers.count(layer)
         hooks.append(self.dec_norm(image))
         mean_logits = None if logit_sum is None else logit_sum / depth
         return self.dec_norm_state(state), hooks, mean_logits
