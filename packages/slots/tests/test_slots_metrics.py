@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torchmetrics import MetricCollection
 from torchmetrics.functional.clustering import adjusted_rand_score
 
 from post3r_slots import (
@@ -213,6 +214,18 @@ def test_metrics_merge_across_simulated_ranks(metric_class):
     rank0.merge_state(rank1)  # what the "sum" reduction does across DDP ranks
     torch.testing.assert_close(rank0.compute(), whole.compute())
     assert rank0.num_samples == whole.num_samples > 0
+
+
+def test_collection_keeps_metrics_with_equal_first_states_apart():
+    # A perfect first batch gives ARI = mBO = 1 in every frame: equal states must not make a
+    # MetricCollection fuse the metrics into one compute group.
+    perfect = torch.tensor([[[1, 1, 2, 2]]])
+    collection = MetricCollection({"ari": ImageARI(), "mbo": ImageMBO()})
+    collection.update(perfect, perfect)
+    pred, target = torch.tensor([[[0, 0, 0, 0]]]), torch.tensor([[[1, 1, 0, 0]]])
+    collection.update(pred, target)  # ARI 1 (one object, one slot), mBO 0.5
+    values = {name: float(value) for name, value in collection.compute().items()}
+    assert values == pytest.approx({"ari": 1.0, "mbo": 0.75})
 
 
 def test_metric_inputs_are_checked():

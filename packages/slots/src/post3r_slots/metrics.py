@@ -241,12 +241,20 @@ def _hungarian(iou: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 class _SampleMeanMetric(Metric):
-    """Mean of per-sample scores, kept as a float64 sum and a count reduced by sum."""
+    """Mean of per-sample scores, kept as a float64 sum and a count reduced by sum.
+
+    The states are named after the metric (``image_ari_sum``, ``image_ari_count``, ...) so that
+    a ``MetricCollection`` never fuses two different metrics into one compute group because
+    their states happened to be equal after the first batch. Two instances of the same class
+    (e.g. one per decoder) can still be fused that way: build such collections with
+    ``compute_groups=False``.
+    """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
     video = False
+    state_name = ""
 
     def __init__(
         self,
@@ -262,8 +270,14 @@ class _SampleMeanMetric(Metric):
             "ignore_overlaps": ignore_overlaps,
             "soft_masks": soft_masks,
         }
-        self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self._sum, self._count = f"{self.state_name}_sum", f"{self.state_name}_count"
+        self.add_state(self._sum, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(self._count, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @property
+    def num_samples(self) -> torch.Tensor:
+        """How many samples (frames or videos) have been counted."""
+        return getattr(self, self._count)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred: masks (B, [T,] K, H, W) or ids (B, [T,] H, W); target: ids (B, [T,] H, W)."""
@@ -271,13 +285,14 @@ class _SampleMeanMetric(Metric):
         if self.options["soft_masks"] and pred.ndim == target.ndim:
             raise ValueError("soft_masks=True needs pred as float masks (B, [T,] K, H, W), got ids")
         scores, counted = self._score(pred, target)
-        self.score_sum += scores[counted].sum().to(self.score_sum.device)
-        self.num_samples += counted.sum().to(self.num_samples.device)
+        total, count = getattr(self, self._sum), getattr(self, self._count)
+        setattr(self, self._sum, total + scores[counted].sum().to(total.device))
+        setattr(self, self._count, count + counted.sum().to(count.device))
 
     def compute(self) -> torch.Tensor:
         if self.num_samples == 0:
             return torch.tensor(math.nan, dtype=torch.float64)
-        return self.score_sum / self.num_samples
+        return getattr(self, self._sum) / self.num_samples
 
     def _score(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -312,19 +327,25 @@ class ImageARI(_ARIMetric):
     (see the module docstring), plus torchmetrics ``Metric`` kwargs.
     """
 
+    state_name = "image_ari"
+
 
 class VideoARI(_ARIMetric):
     """FG-ARI over each whole video (all T·H·W points in one clustering), averaged over videos;
     a slot that switches objects over time is penalised. Inputs need the T dim."""
 
+    state_name = "video_ari"
     video = True
 
 
 class ImageMBO(_MBOMetric):
     """mBO per frame, averaged over frames. Options as :class:`ImageARI` plus ``matching``."""
 
+    state_name = "image_mbo"
+
 
 class VideoMBO(_MBOMetric):
     """mBO over each whole video: an object's IoU is over its spatio-temporal tube."""
 
+    state_name = "video_mbo"
     video = True
