@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from post3r_backbone import TTT3R, TTT3RConfig, pose_to_matrix
+from post3r_backbone import TTT3R, BackboneState, TTT3RConfig, pose_to_matrix
 
 CLOSE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -211,18 +211,31 @@ def test_bad_state_reset_and_clip_get_clear_errors(tiny_model, frames):
         tiny_model.step(frames[:, 0], state, torch.tensor([1, 0]))
     with pytest.raises(TypeError, match="BackboneState"):
         tiny_model.step(frames[:, 0], {"tokens": state.tokens})
-    with torch.device("meta"):
-        other = TTT3R(TTT3RConfig.preset("tiny", state_size=32))
-    with pytest.raises(ValueError, match="state does not belong to this model"):
-        tiny_model.step(frames[:, 0], other.init_state(2))
+    # States of a model with another state size or memory size, or a mixed-up batch.
+    for wrong in (
+        BackboneState(torch.zeros(2, 32, 64), state.memory, state.fresh),
+        BackboneState(state.tokens, torch.zeros(2, 4, 128), state.fresh),
+        BackboneState(state.tokens, state.memory, state.fresh[:1]),
+    ):
+        with pytest.raises(ValueError, match="state does not belong to this model: state\\."):
+            tiny_model.step(frames[:, 0], wrong)
+    with pytest.raises(ValueError, match=r"is on meta but the model is on cpu.*state\.to"):
+        tiny_model.step(frames[:, 0], state.to("meta"))
+    with pytest.raises(
+        ValueError, match="frame batch size 2 does not match the state's batch size 3"
+    ):
+        tiny_model.forward_video(frames, state=tiny_model.init_state(3))
     with pytest.raises(ValueError, match="\\(B, T, 3, H, W\\)"):
         tiny_model.forward_video(frames[:, 0])
+    with pytest.raises(TypeError, match="outputs must be a field name"):
+        tiny_model.step(frames[:, 0], state, outputs=5)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match="reset must be a bool tensor of shape \\(B,\\) = \\(2,\\) or"
     ):
         tiny_model.forward_video(frames, reset=torch.ones(2, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="positive int"):
-        tiny_model.init_state(0)
+    for batch_size in (0, True, 2.0):
+        with pytest.raises(ValueError, match="positive int"):
+            tiny_model.init_state(batch_size)  # type: ignore[arg-type]
 
 
 def test_freeze_inference_mode_and_autocast(tiny_model, frames):

@@ -192,7 +192,7 @@ class TTT3R(nn.Module):
 
     def init_state(self, batch_size: int) -> BackboneState:
         """A fresh state for ``batch_size`` sequences (every sample counts as just reset)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         tokens = self.initial_state_tokens().expand(batch_size, -1, -1)
         memory = self.pose_retriever.mem.expand(batch_size, -1, -1)
@@ -241,8 +241,8 @@ class TTT3R(nn.Module):
             outputs: field names of ``BackboneOutput`` to return, "all", or None for the defaults
                 (DEFAULT_OUTPUTS). Heads whose outputs are not asked for are skipped.
         """
-        self._check_state(state)
-        self._check_frames(frame, state.batch_size)
+        self._check_frames(frame)
+        self._check_state(state, frame.shape[0])
         image = self._normalise(frame.to(self.device, non_blocking=True))
         if reset is not None:
             state = self.reset_state(state, reset)
@@ -279,9 +279,9 @@ class TTT3R(nn.Module):
         batch, length = frames.shape[:2]
         if length == 0:
             raise ValueError("frames has no time steps (T = 0)")
+        self._check_frames(frames.flatten(0, 1))
         state = self.init_state(batch) if state is None else state
-        self._check_state(state)
-        self._check_frames(frames.flatten(0, 1), None)
+        self._check_state(state, batch)
         resets = self._video_resets(reset, batch, length)
         wanted = self._resolve_outputs(outputs)
         collected: dict[str, Tensor | tuple[Tensor, ...]] = {}
@@ -450,8 +450,8 @@ class TTT3R(nn.Module):
             return frame.float() / 127.5 - 1
         return frame.float().clamp(0, 1) * 2 - 1
 
-    def _check_frames(self, frame: Tensor, batch_size: int | None) -> None:
-        """Shape, dtype, finiteness and [0, 1] range (one device sync); batch size unless None."""
+    def _check_frames(self, frame: Tensor) -> None:
+        """Shape, dtype, finiteness and [0, 1] range (one device sync)."""
         if not isinstance(frame, Tensor) or frame.ndim != 4:
             raise ValueError(f"frame must be a (B, 3, H, W) tensor, got {_describe(frame)}")
         if frame.shape[1] != 3:
@@ -465,12 +465,6 @@ class TTT3R(nn.Module):
                 f"frame size {tuple(frame.shape[-2:])} (H, W) must be a multiple of the patch "
                 f"size {p}; "
                 f"resize or crop (e.g. 512x384 for the released model)"
-            )
-        if batch_size is not None and frame.shape[0] != batch_size:
-            raise ValueError(
-                f"frame batch size {frame.shape[0]} does not match the state's batch size "
-                f"{batch_size}; "
-                "use model.init_state(batch_size) for this batch"
             )
         if frame.dtype == torch.uint8:
             return
@@ -486,17 +480,34 @@ class TTT3R(nn.Module):
                 "or with ImageNet statistics)"
             )
 
-    def _check_state(self, state: BackboneState) -> None:
+    def _check_state(self, state: BackboneState, batch_size: int) -> None:
+        """A state of this model's shape and device, for ``batch_size`` sequences."""
         if not isinstance(state, BackboneState):
             raise TypeError(
                 f"state must be a BackboneState from model.init_state, got {type(state).__name__}"
             )
-        cfg = self.config
-        expected = (cfg.state_size, cfg.dec_embed_dim)
-        if tuple(state.tokens.shape[1:]) != expected or state.memory.shape[0] != state.batch_size:
+        cfg, batch = self.config, state.batch_size
+        expected = {
+            "tokens": (batch, cfg.state_size, cfg.dec_embed_dim),
+            "memory": (batch, cfg.local_mem_size, 2 * cfg.dec_embed_dim),
+            "fresh": (batch,),
+        }
+        for name, shape in expected.items():
+            value = getattr(state, name)
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state does not belong to this model: state.{name} has shape "
+                    f"{tuple(value.shape)}, expected {shape}; start from model.init_state"
+                )
+            if value.device != self.device:
+                raise ValueError(
+                    f"state.{name} is on {value.device} but the model is on {self.device}; "
+                    "move it with state.to(model.device)"
+                )
+        if batch != batch_size:
             raise ValueError(
-                f"state does not belong to this model: tokens {tuple(state.tokens.shape)}, "
-                f"expected (B, {expected[0]}, {expected[1]})"
+                f"frame batch size {batch_size} does not match the state's batch size {batch}; "
+                "use model.init_state(batch_size) for this batch"
             )
 
     def _check_ray_map(self, ray_map: Tensor, image: Tensor) -> Tensor:
@@ -513,7 +524,15 @@ class TTT3R(nn.Module):
         if outputs is None or outputs == "all":
             names = DEFAULT_OUTPUTS if outputs is None else OUTPUT_FIELDS
             return frozenset(n for n in names if n != "rgb" or self.config.rgb_head)
-        names = frozenset([outputs] if isinstance(outputs, str) else outputs)
+        if isinstance(outputs, str):
+            names = frozenset([outputs])
+        elif isinstance(outputs, Collection):
+            names = frozenset(outputs)
+        else:
+            raise TypeError(
+                "outputs must be a field name, a collection of names, 'all' or None, "
+                f"got {type(outputs).__name__}"
+            )
         unknown = sorted(names - set(OUTPUT_FIELDS))
         if unknown:
             raise ValueError(
