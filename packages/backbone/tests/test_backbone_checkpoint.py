@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,21 @@ def test_unreadable_and_incomplete_files_get_clear_errors(tiny_model, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(garbage)
+    whole = tmp_path / "whole.pth"
+    save_original_checkpoint(tiny_model, whole)
+    truncated = tmp_path / "truncated.pth"  # an interrupted download
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint.*fetch it again"):
+        load_checkpoint(truncated)
+    corrupt = tmp_path / "corrupt.pth"  # a valid zip whose pickle is cut short
+    with zipfile.ZipFile(whole) as source, zipfile.ZipFile(corrupt, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            target.writestr(
+                item, data[: len(data) // 3] if item.filename.endswith(".pkl") else data
+            )
+    with pytest.raises(CheckpointError, match="UnpicklingError"):
+        load_checkpoint(corrupt)
     no_args = tmp_path / "no_args.pth"
     torch.save({"model": tiny_model.state_dict()}, no_args)
     with pytest.raises(CheckpointError, match="no model constructor string"):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Mapping
@@ -112,17 +113,21 @@ def read_original_checkpoint(
 
 def _torch_load_restricted(path: Path) -> Any:
     """torch.load with the restricted pickle module; memory-mapped when the format allows it."""
+    load = functools.partial(
+        torch.load, path, map_location="cpu", weights_only=False, pickle_module=safe_pickle
+    )
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=safe_pickle, mmap=True
-        )
-    except RuntimeError as error:
-        if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+        try:
+            return load(mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+        return load()
+    except Exception as error:  # a truncated zip, a corrupt pickle, not a checkpoint at all
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
+            "if it is a download, it may be incomplete: fetch it again"
+        ) from None
 
 
 def find_constructor_string(args: Any) -> str | None:
