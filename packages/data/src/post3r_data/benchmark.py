@@ -41,6 +41,7 @@ def _clips_per_second(shards: list[str], workers: int, args: argparse.Namespace)
         num_workers=workers,
         steps_per_epoch=warmup + args.batches,
         shuffle_buffer=16,
+        frames_dtype=torch.float32 if args.float_frames else torch.uint8,
     )
     batches = iter(loader)
     for _ in range(warmup):  # worker start-up and the shuffle buffer's first fill
@@ -53,7 +54,11 @@ def _clips_per_second(shards: list[str], workers: int, args: argparse.Namespace)
 
 def _loader_table(title: str, shards: list[str], args: argparse.Namespace) -> None:
     print(f"\n{title}")
-    print(f"  batch {args.batch_size}, {args.chunk_size}-frame clips at {args.resolution} px")
+    dtype = "float32" if args.float_frames else "uint8"
+    print(
+        f"  batch {args.batch_size}, {args.chunk_size}-frame clips at {args.resolution} px, "
+        f"{dtype} frames"
+    )
     print(f"  {'workers':>7}  {'clips/s':>9}  {'vs 0 workers':>12}")
     baseline = None
     for workers in args.workers:
@@ -147,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="default: --size")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--float-frames", action="store_true", help="float32 frames (default uint8, 4x smaller)"
+    )
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.data_dir is not None:

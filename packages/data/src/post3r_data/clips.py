@@ -205,32 +205,36 @@ def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
     )
 
 
+def _frames_array(clip: Clip, out_hw: tuple[int, int], as_uint8: bool) -> np.ndarray:
+    """(T, 3, H, W) frames, uint8 or float32 in [0, 1]; only resizing uses torch."""
+    frames = clip.video.transpose(0, 3, 1, 2)
+    if clip.box[2:] == out_hw:
+        frames = np.ascontiguousarray(frames)
+        return frames if as_uint8 else np.divide(frames, np.float32(255), dtype=np.float32)
+    scaled = torch.from_numpy(np.divide(frames, np.float32(255), dtype=np.float32))
+    scaled = F.interpolate(scaled, size=out_hw, mode="bilinear", antialias=True).clamp_(0, 1)
+    return scaled.mul_(255).round_().to(torch.uint8).numpy() if as_uint8 else scaled.numpy()
+
+
 def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) -> dict:
-    """Resize a clip to `out_hw` and convert it to tensors in batch layout (no batch axis)."""
+    """Resize a clip to `out_hw`: NumPy arrays in batch layout without the batch axis.
+
+    Per-clip work stays in NumPy (single-threaded) rather than small torch ops: in a busy
+    main process (num_workers=0) each of those can stall on torch's thread pool.
+    """
     out_h, out_w = out_hw
     _, _, crop_h, crop_w = clip.box
     resize = (crop_h, crop_w) != (out_h, out_w)
-    frames = torch.from_numpy(clip.video).permute(0, 3, 1, 2).contiguous()  # (T, 3, h, w) uint8
-    if resize or frames_dtype != torch.uint8:
-        frames = frames.float().div_(255.0)
-        if resize:
-            frames = F.interpolate(frames, size=out_hw, mode="bilinear", antialias=True)
-            frames = frames.clamp_(0.0, 1.0)
-        if frames_dtype == torch.uint8:
-            frames = frames.mul_(255.0).round_().to(torch.uint8)
-        else:
-            frames = frames.to(frames_dtype)
     out = {
-        "frames": frames,
+        "frames": _frames_array(clip, out_hw, as_uint8=frames_dtype == torch.uint8),
         "key": clip.key,
-        "frame_index": torch.from_numpy(clip.frame_index),
+        "frame_index": clip.frame_index,
     }
     rows, cols = nearest_indices(crop_h, out_h), nearest_indices(crop_w, out_w)
     for name, array in clip.extra.items():
         if name in _PER_PIXEL:
             array = array[:, rows][:, :, cols] if resize else array
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
-            out[name] = tensor.long() if name == "segmentations" else tensor.float()
+            out[name] = array.astype(np.int64 if name == "segmentations" else np.float32)
         elif name == "intrinsics":
             k = array.copy()
             sx, sy = out_w / crop_w, out_h / crop_h
@@ -239,23 +243,25 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
             k[:, 0, 1] *= sx
             k[:, 0, 2] = (k[:, 0, 2] + 0.5) * sx - 0.5
             k[:, 1, 2] = (k[:, 1, 2] + 0.5) * sy - 0.5
-            out[name] = torch.from_numpy(k).float()
+            out[name] = k.astype(np.float32)
         else:
-            out[name] = torch.from_numpy(array).float()
+            out[name] = array.astype(np.float32)
     return out
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack finished clips into a batch; `key` becomes a list of video ids."""
+def collate(samples: list[dict], frames_dtype: torch.dtype = torch.float32) -> dict:
+    """Stack finished clips into a batch of tensors; `key` becomes a list of video ids."""
     batch: dict = {"key": [s["key"] for s in samples]}
     for name in samples[0]:
         if name == "key":
             continue
-        shapes = sorted({tuple(s[name].shape) for s in samples})
+        shapes = sorted({s[name].shape for s in samples})
         if len(shapes) > 1:
             raise ValueError(
                 f"cannot batch {name} of different shapes {shapes} (videos {batch['key']}): "
                 "whole validation videos differ in length; use batch_size=1 or a chunk_size"
             )
-        batch[name] = torch.stack([s[name] for s in samples])
+        batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    if batch["frames"].dtype != frames_dtype:  # float16, bfloat16, float64
+        batch["frames"] = batch["frames"].to(frames_dtype)
     return batch

@@ -295,7 +295,11 @@ class _TrainStream(IterableDataset):
             ),
             lambda clips: islice(clips, own_skipped * self.batch_size, None),
             partial(_finish, spec=self.spec),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            wds.batched(
+                self.batch_size,
+                collation_fn=partial(collate, frames_dtype=self.spec.frames_dtype),
+                partial=False,
+            ),
         )
         return iter(pipeline)
 
@@ -330,7 +334,11 @@ class _ValStream(IterableDataset):
             mine,
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
             partial(_finish, spec=self.spec),
-            wds.batched(self.batch_size, collation_fn=collate, partial=True),
+            wds.batched(
+                self.batch_size,
+                collation_fn=partial(collate, frames_dtype=self.spec.frames_dtype),
+                partial=True,
+            ),
         )
         return iter(pipeline)
 
