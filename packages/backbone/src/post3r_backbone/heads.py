@@ -84,7 +84,7 @@ def _points_and_confidence(
     """(B, 4, H, W) head map -> points (B, H, W, 3) and confidence (B, H, W)."""
     channels_last = raw.permute(0, 2, 3, 1)
     xyz = channels_last[..., :3]
-    if positive_z:  # the linear head flips each point so that z >= 0, as the original does
+    if positive_z:  # turn each point so that z >= 0
         xyz = xyz * torch.sign(xyz[..., 2:3])
     return activate_points(xyz, cfg.depth_mode), activate_confidence(
         channels_last[..., 3], cfg.conf_mode
@@ -103,7 +103,15 @@ class PoseHead(nn.Module):
 
 
 class _Head(nn.Module):
-    """Shared pose path: pose MLP on the pose token, pose-modulated blocks for the world branch."""
+    """What both heads share: the pose MLP, the pose-modulated world branch and the activations.
+
+    A subclass builds its modules (their order is the original's state-dict order) and says how
+    one part ("self", "world" or "rgb") turns the float32 hook layers into a raw (B, C, H, W) map.
+    """
+
+    cfg: TTT3RConfig
+    pose_head: PoseHead
+    flip_self_z = False  # the linear head turns self points so that z >= 0, as the original does
 
     def _build_pose_path(self, cfg: TTT3RConfig) -> None:
         self.final_transform = nn.ModuleList(
@@ -115,6 +123,40 @@ class _Head(nn.Module):
         for block in self.final_transform:
             tokens = block(tokens, pose_token, positions)
         return tokens
+
+    def raw_map(self, part: str, layers: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hooks: list[Tensor],
+        positions: Tensor,
+        image_size: tuple[int, int],
+        wanted: Collection[str],
+    ) -> dict[str, Tensor]:
+        """Pose always; self/world points and confidences and rgb for the ``wanted`` parts."""
+        pose_token, tokens = hooks[-1][:, 0], hooks[-1][:, 1:]
+        out: dict[str, Tensor] = {}
+        if "world" in wanted:  # under autocast, like the decoder
+            world = self.world_tokens(tokens, pose_token, positions)
+        with autocast_off(tokens.device):
+            layers = [h.float() for h in (*hooks[:-1], tokens)]
+            out["camera_pose"] = activate_pose(
+                self.pose_head(pose_token.float()), self.cfg.pose_mode
+            )
+            if "self" in wanted:
+                out["pts3d_self"], out["conf_self"] = _points_and_confidence(
+                    self.raw_map("self", layers, image_size), self.cfg, self.flip_self_z
+                )
+            if "rgb" in wanted:
+                raw = self.raw_map("rgb", layers, image_size)
+                out["rgb"] = activate_rgb(raw.permute(0, 2, 3, 1))
+            if "world" in wanted:
+                crossed = [*layers[:-1], world.float()]
+                out["pts3d_world"], out["conf_world"] = _points_and_confidence(
+                    self.raw_map("world", crossed, image_size), self.cfg
+                )
+        return out
 
 
 class DPTHead(_Head):
@@ -137,38 +179,15 @@ class DPTHead(_Head):
             self.dpt_rgb = adapter(3)
         self.pose_head = PoseHead(cfg.dec_embed_dim)
 
-    def forward(
-        self,
-        hooks: list[Tensor],
-        positions: Tensor,
-        image_size: tuple[int, int],
-        wanted: Collection[str],
-    ) -> dict[str, Tensor]:
-        pose_token, tokens = hooks[-1][:, 0], hooks[-1][:, 1:]
-        out: dict[str, Tensor] = {}
-        if "world" in wanted:
-            world = self.world_tokens(tokens, pose_token, positions)
-        with autocast_off(tokens.device):
-            plain = [h.float() for h in (*hooks[:-1], tokens)]
-            out["camera_pose"] = activate_pose(
-                self.pose_head(pose_token.float()), self.cfg.pose_mode
-            )
-            if "self" in wanted:
-                out["pts3d_self"], out["conf_self"] = _points_and_confidence(
-                    self.dpt_self(plain, image_size), self.cfg
-                )
-            if "rgb" in wanted:
-                out["rgb"] = activate_rgb(self.dpt_rgb(plain, image_size).permute(0, 2, 3, 1))
-            if "world" in wanted:
-                crossed = [*plain[:-1], world.float()]
-                out["pts3d_world"], out["conf_world"] = _points_and_confidence(
-                    self.dpt_cross(crossed, image_size), self.cfg
-                )
-        return out
+    def raw_map(self, part: str, layers: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        adapter = {"self": "dpt_self", "world": "dpt_cross", "rgb": "dpt_rgb"}[part]
+        return getattr(self, adapter)(layers, image_size)
 
 
 class LinearHead(_Head):
     """The 224 model's head (``LinearPts3dPose``): per-token MLPs unshuffled into p x p pixels."""
+
+    flip_self_z = True
 
     def __init__(self, cfg: TTT3RConfig) -> None:
         super().__init__()
@@ -185,40 +204,13 @@ class LinearHead(_Head):
         self._build_pose_path(cfg)
         self.cross_proj = Mlp(dim, hidden, 4 * pixels)
 
-    def _unpatchify(self, features: Tensor, image_size: tuple[int, int]) -> Tensor:
+    def raw_map(self, part: str, layers: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        """The last layer's tokens through the part's MLP, each token's p*p pixels unshuffled."""
+        mlp = {"self": "proj", "world": "cross_proj", "rgb": "rgb_proj"}[part]
+        features = getattr(self, mlp)(layers[-1])
         p = self.cfg.patch_size
         grid = features.transpose(1, 2).unflatten(2, (image_size[0] // p, image_size[1] // p))
         return F.pixel_shuffle(grid, p)
-
-    def forward(
-        self,
-        hooks: list[Tensor],
-        positions: Tensor,
-        image_size: tuple[int, int],
-        wanted: Collection[str],
-    ) -> dict[str, Tensor]:
-        pose_token, tokens = hooks[-1][:, 0], hooks[-1][:, 1:]
-        out: dict[str, Tensor] = {}
-        if "world" in wanted:
-            world = self.world_tokens(tokens, pose_token, positions)
-        with autocast_off(tokens.device):
-            tokens = tokens.float()
-            out["camera_pose"] = activate_pose(
-                self.pose_head(pose_token.float()), self.cfg.pose_mode
-            )
-            if "self" in wanted:
-                raw = self._unpatchify(self.proj(tokens), image_size)
-                out["pts3d_self"], out["conf_self"] = _points_and_confidence(
-                    raw, self.cfg, positive_z=True
-                )
-            if "rgb" in wanted:
-                out["rgb"] = activate_rgb(
-                    self._unpatchify(self.rgb_proj(tokens), image_size).permute(0, 2, 3, 1)
-                )
-            if "world" in wanted:
-                raw = self._unpatchify(self.cross_proj(world.float()), image_size)
-                out["pts3d_world"], out["conf_world"] = _points_and_confidence(raw, self.cfg)
-        return out
 
 
 def build_head(cfg: TTT3RConfig) -> nn.Module:
