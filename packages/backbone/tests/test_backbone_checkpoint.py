@@ -199,9 +199,9 @@ def test_unreadable_and_incomplete_files_get_clear_errors(tiny_model, tmp_path):
 def test_safetensors_round_trip_directly(tiny_model, tmp_path):
     path = tmp_path / "direct.safetensors"
     save_safetensors(tiny_model, path)
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path).state_dict()
     for key, value in tiny_model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
 
 
 def test_converter_refuses_to_overwrite_and_reports_errors(tiny_model, tmp_path, capsys):

@@ -149,8 +149,13 @@ def test_forward_video_equals_stepping(tiny_model, frames):
 def test_forward_video_resets_per_frame(tiny_model, frames):
     resets = torch.tensor([[False, False, True], [False, False, False]])
     video, _ = tiny_model.forward_video(frames, reset=resets, outputs=["camera_pose"])
+    plain, _ = tiny_model.forward_video(frames, outputs=["camera_pose"])
     first, _ = tiny_model.forward_video(frames[:1, 2:], outputs=["camera_pose"])
     torch.testing.assert_close(video.camera_pose[0, 2], first.camera_pose[0, 0], **CLOSE)
+    assert not torch.allclose(video.camera_pose[0, 2], plain.camera_pose[0, 2], **CLOSE)
+    # Frames before the reset, and the sample without one, are untouched.
+    torch.testing.assert_close(video.camera_pose[0, :2], plain.camera_pose[0, :2], **CLOSE)
+    torch.testing.assert_close(video.camera_pose[1], plain.camera_pose[1], **CLOSE)
 
 
 def test_skipped_heads_do_not_change_the_rest(tiny_model, frames):
