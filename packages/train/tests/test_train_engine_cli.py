@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from post3r_train.engine import evaluate, load_checkpoint
-from post3r_train.engine.module import frozen_state_names
+from post3r_train.engine.module import frozen_names
 
 # Metrics that do not depend on how videos are grouped into batches. The contrastive loss
 # does (its negatives are the other slots of the batch, gathered over ranks), so a sharded
@@ -41,7 +41,7 @@ def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None
     saved = load_checkpoint(checkpoints / "last.ckpt")
     assert saved["world_size"] == 2
     assert set(saved["model"]) == set(model.trainable_state_dict())
-    assert not set(saved["model"]) & frozen_state_names(model)  # no frozen weights saved
+    assert not set(saved["model"]) & frozen_names(model)  # no frozen weights saved
 
     single = evaluate(model, build_loaders(cfg, prepare_data(cfg)).val, checkpoint=run)
     for name in SHARD_INVARIANT:

@@ -27,6 +27,7 @@ from post3r_train.engine import (
 )
 from post3r_train.engine.checkpoint import prune_checkpoints, publish_as, step_checkpoints
 from post3r_train.engine.config import parse_duration
+from post3r_train.engine.module import frozen_names
 from post3r_train.engine.rng import capture_rng, restore_rng
 from post3r_train.engine.rundir import MetricsCSV, start_wandb
 from post3r_train.engine.schedule import lr_factor
@@ -84,6 +85,10 @@ def test_trainable_state_dict_leaves_frozen_weights_out() -> None:
     keys = set(module.trainable_state_dict())
     assert keys == {f"head.{i}.{kind}" for i in (0, 1, 4) for kind in ("weight", "bias")}
     assert not any(key.startswith("backbone.") for key in keys)
+    assert frozen_names(module) == {
+        *(f"backbone.{i}.{kind}" for i in (0, 1) for kind in ("weight", "bias")),
+        *(f"backbone.1.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")),
+    }
 
     class WithTrainableNorm(TrainModule):
         def __init__(self) -> None:

@@ -5,6 +5,12 @@ Models implement `TrainModule`; `fit` trains one (one process, or DDP under torc
 multi-node and SLURM use, preemption and exact resume.
 """
 
+from post3r_train.engine.batches import (
+    KEY_FIELDS,
+    SKIPPED_KEY,
+    TrainLoaderFactory,
+    ValLoaderFactory,
+)
 from post3r_train.engine.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -19,17 +25,13 @@ from post3r_train.engine.module import StateDictMismatchError, TrainModule, move
 from post3r_train.engine.rng import seed_everything
 from post3r_train.engine.rundir import RunDir, WandbSettings
 from post3r_train.engine.trainer import (
-    KEY_FIELDS,
-    SKIPPED_KEY,
     CheckpointWriteError,
     FitResult,
     NonFiniteLossError,
     Trainer,
-    TrainLoaderFactory,
-    ValLoaderFactory,
-    evaluate,
     fit,
 )
+from post3r_train.engine.validation import autocast, evaluate, run_validation
 
 __all__ = [
     "KEY_FIELDS",
@@ -49,6 +51,7 @@ __all__ = [
     "ValLoaderFactory",
     "WandbSettings",
     "atomic_write",
+    "autocast",
     "evaluate",
     "find_checkpoint",
     "fit",
@@ -58,6 +61,7 @@ __all__ = [
     "load_checkpoint",
     "move_to_device",
     "needs_launch",
+    "run_validation",
     "save_checkpoint",
     "seed_everything",
     "shutdown_distributed",

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
 
+from post3r_train.engine.batches import TrainLoaderFactory, batch_size
 from post3r_train.engine.config import OptimConfig, TrainerConfig
 from post3r_train.engine.launch import launch_local
 from post3r_train.engine.module import TrainModule, move_to_device
-from post3r_train.engine.trainer import TrainLoaderFactory, _batch_size, fit
+from post3r_train.engine.trainer import fit
 
 
 class RegressionMLP(TrainModule):
@@ -127,7 +128,7 @@ def plain_loop(args: argparse.Namespace) -> dict[str, float]:
         optimizer.step()
         loss.item()  # the engine reads the loss every step too
         times.append(time.perf_counter() - start)
-        samples = _batch_size(batch)
+        samples = batch_size(batch)
     steps = 1.0 / statistics.median(times[args.warmup :])
     return {"steps_per_s": steps, "samples_per_s": steps * samples}
 

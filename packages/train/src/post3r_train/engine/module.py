@@ -93,10 +93,11 @@ def check_state_dict(
     raise StateDictMismatchError("\n".join(lines))
 
 
-def frozen_state_names(module: nn.Module) -> set[str]:
-    """State-dict keys of `module` that are not part of `trainable_state_dict`."""
-    keep = set(module.trainable_state_dict()) if isinstance(module, TrainModule) else set()
-    return set(module.state_dict()) - keep
+def frozen_names(module: TrainModule) -> set[str]:
+    """Parameters and buffers outside `trainable_state_dict`: what checkpoints leave out and DDP
+    does not broadcast (every rank loads the frozen weights itself)."""
+    names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return names - set(module.trainable_state_dict())
 
 
 def _frozen_module_names(module: nn.Module) -> list[str]:

@@ -1,11 +1,9 @@
-"""The training loop: `fit` trains a `TrainModule`, `evaluate` measures a checkpoint.
+"""The training loop: `fit` trains a `TrainModule`.
 
 One code path serves one process and DDP: collectives are no-ops alone. Each optimiser step
 ends with a single all-reduce that carries the loss, its parts, a non-finite flag, the corrupt-
 sample counter and the stop request (signal or time limit), so every rank takes the same
-decision at the same step boundary. Validation runs the unwrapped module under `no_grad` (no
-collective in the batch loop, so ranks may hold different numbers of batches); the metrics'
-`compute` is the one collective at its end, called on every rank.
+decision at the same step boundary. Validation is `validation.run_validation`.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import functools
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from post3r_train.engine.batches import (
+    BatchStream,
+    TrainLoaderFactory,
+    ValLoaderFactory,
+    batch_keys,
+    batch_size,
+    pop_skipped,
+)
 from post3r_train.engine.checkpoint import (
     LAST,
     find_checkpoint,
@@ -46,27 +52,17 @@ from post3r_train.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from post3r_train.engine.module import TrainModule, move_to_device
+from post3r_train.engine.module import TrainModule, frozen_names, move_to_device
 from post3r_train.engine.rng import RandomStream, capture_rng, restore_rng, seed_everything
 from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir_of_checkpoint
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
+from post3r_train.engine.validation import autocast, run_validation
 
 if TYPE_CHECKING:
-    from torchmetrics import MetricCollection
+    pass
 
 log = logging.getLogger("post3r_train.engine")
-
-TrainLoaderFactory = Callable[[int], Iterable[dict]]
-"""`factory(start)`: this rank's training batches, skipping the first `start` of its stream."""
-ValLoaderFactory = Callable[[], Iterable[dict]]
-"""`factory()`: this rank's share of the validation set (disjoint across ranks)."""
-
-SKIPPED_KEY = "__skipped__"
-"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch.
-(A loader object with a cumulative `num_skipped` attribute, as post3r_data's, is read too.)"""
-KEY_FIELDS = ("__key__", "key", "keys", "video_id", "video_ids")
-"""Batch entries that name the samples (reported when a loss is not finite)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,109 +142,6 @@ def fit(
             shutdown_distributed(env)
 
 
-def evaluate(
-    module: TrainModule,
-    val_loader: ValLoaderFactory,
-    *,
-    checkpoint: Path | str | None = None,
-    trainer: TrainerConfig | None = None,
-    visualize_dir: Path | None = None,
-    env: DistEnv | None = None,
-) -> dict[str, float]:
-    """Validation metrics of `module` (with a checkpoint's trainable weights, if given).
-
-    Under torchrun each rank evaluates its shard and the metrics are combined, so the figures
-    equal a single-process evaluation of the same checkpoint.
-    """
-    trainer = trainer or TrainerConfig()
-    own_env = env is None
-    env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
-    try:
-        module.to(env.device)
-        if checkpoint is not None:
-            path = find_checkpoint(Path(checkpoint))
-            module.load_trainable_state_dict(load_checkpoint(path)["model"], source=str(path))
-        metrics = module.make_metrics().to(env.device)
-        values, _ = run_validation(
-            module,
-            metrics,
-            val_loader,
-            env,
-            precision=trainer.precision_mode,
-            limit=trainer.limit_val_batches,
-            visualize_dir=visualize_dir if env.is_main else None,
-            progress=trainer.progress_bar and env.is_main,
-        )
-        return values
-    finally:
-        if own_env:
-            shutdown_distributed(env)
-
-
-def run_validation(
-    module: TrainModule,
-    metrics: MetricCollection,
-    val_loader: ValLoaderFactory,
-    env: DistEnv,
-    *,
-    precision: str = "32",
-    limit: int | None = None,
-    visualize_dir: Path | None = None,
-    progress: bool = False,
-) -> tuple[dict[str, float], int]:
-    """Metrics over every rank's validation shard, and the number of corrupt samples skipped.
-
-    The batch loop has no collective, so ranks may hold different numbers of batches;
-    `compute` (a collective) then runs once on every rank.
-    """
-    was_training = module.training
-    module.eval()
-    metrics.reset()
-    skipped = 0
-    batches = val_loader()
-    bar = tqdm(batches, desc="validate", leave=False, disable=not progress, dynamic_ncols=True)
-    with torch.no_grad(), autocast(env.device, precision):
-        for index, batch in enumerate(bar):
-            if limit is not None and index >= limit:
-                break
-            skipped += _pop_skipped(batch)
-            batch = move_to_device(batch, env.device)
-            outputs = module.validation_step(batch, metrics)
-            if index == 0 and visualize_dir is not None:
-                visualize_dir.mkdir(parents=True, exist_ok=True)
-                module.visualize(batch, outputs, visualize_dir)
-    bar.close()
-    skipped += int(getattr(batches, "num_skipped", 0) or 0)  # post3r_data's loaders count too
-    values = compute_metrics(metrics)
-    skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=env.device), env).item())
-    module.train(was_training)
-    return values, skipped
-
-
-def compute_metrics(metrics: MetricCollection, prefix: str = "val/") -> dict[str, float]:
-    """`metrics.compute()` (synchronised over ranks) as plain floats; vectors get `_i` suffixes."""
-    with warnings.catch_warnings():
-        # A rank whose shard was empty still joins the sync; its own states are the defaults.
-        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
-        raw = metrics.compute()
-    values = {}
-    for name, value in raw.items():
-        flat = torch.as_tensor(value).detach().float().flatten().cpu()
-        if flat.numel() == 1:
-            values[prefix + name] = float(flat[0])
-        else:
-            values.update({f"{prefix}{name}_{i}": float(x) for i, x in enumerate(flat)})
-    return values
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for `trainer.precision` ('32' disables it)."""
-    if precision == "32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class _TrainingStep(nn.Module):
     """Routes DDP's forward to `training_step`, so gradients are reduced as DDP expects."""
 
@@ -258,49 +151,6 @@ class _TrainingStep(nn.Module):
 
     def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         return self.module.training_step(batch)
-
-
-class _BatchStream:
-    """This rank's training batches from `position` on; a finite loader is restarted there.
-
-    The loader runs under its own random stream (see `RandomStream`), and a loader object with
-    a `num_skipped` counter (post3r_data's loaders) has its increments reported by `skipped`.
-    """
-
-    def __init__(self, factory: TrainLoaderFactory, position: int, rng: RandomStream) -> None:
-        self.factory, self.position, self.rng = factory, position, rng
-        self._skipped_before = 0
-        self._open()
-
-    def _open(self) -> None:
-        with self.rng.active():
-            self._loader = self.factory(self.position)
-            self._batches: Iterator[dict] = iter(self._loader)
-        self._counted = 0
-
-    def next(self) -> dict:
-        with self.rng.active():
-            batch = next(self._batches, None)
-        if batch is None:
-            self._skipped_before += self.skipped()
-            self._open()
-            with self.rng.active():
-                batch = next(self._batches, None)
-            if batch is None:
-                raise RuntimeError(
-                    f"the train loader yields no batches from position {self.position} on; "
-                    "it must be an endless stream (e.g. WebDataset resampled=True) or restart "
-                    "when called with a start position"
-                )
-        self.position += 1
-        return batch
-
-    def skipped(self) -> int:
-        """Corrupt samples the loader counted (`num_skipped`) since the last call."""
-        total = int(getattr(self._loader, "num_skipped", 0) or 0)
-        new = total - self._counted + self._skipped_before
-        self._counted, self._skipped_before = total, 0
-        return new
 
 
 class Trainer:
@@ -356,7 +206,7 @@ class Trainer:
     def _wrap(self, net: _TrainingStep) -> nn.Module:
         if not self.env.distributed:
             return net
-        frozen = [f"module.{name}" for name in self._frozen_names()]
+        frozen = [f"module.{name}" for name in sorted(frozen_names(self.module))]
         # Frozen weights are loaded identically on every rank: skip their broadcast.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
         cuda = self.env.device.type == "cuda"
@@ -366,11 +216,6 @@ class Trainer:
             find_unused_parameters=self.cfg.find_unused_parameters,
             gradient_as_bucket_view=True,
         )
-
-    def _frozen_names(self) -> list[str]:
-        keep = set(self.module.trainable_state_dict())
-        names = [n for n, p in self.module.named_parameters() if not p.requires_grad]
-        return names + [n for n, _ in self.module.named_buffers() if n not in keep]
 
     def restore(self, payload: Mapping[str, Any], source: str) -> None:
         """Load weights, optimiser, schedule, counters and metric state (RNG comes later)."""
@@ -427,7 +272,7 @@ class Trainer:
             self.restore(payload, payload.get("_source", "checkpoint"))
         check_ranks_agree(self.step, "the step to start from", self.env)
         self._seed(payload)
-        stream = _BatchStream(train_loader, self.data_position, self.data_rng)
+        stream = BatchStream(train_loader, self.data_position, self.data_rng)
         self._announce()
         deadline = None if self.cfg.max_time_s is None else time.monotonic() + self.cfg.max_time_s
         reason = "max_steps"
@@ -466,7 +311,7 @@ class Trainer:
     def _due(self, interval: int) -> bool:
         return self.step % interval == 0 or self.step == self.cfg.max_steps
 
-    def _train_step(self, stream: _BatchStream, stop: Callable[[], bool]) -> dict[str, Any]:
+    def _train_step(self, stream: BatchStream, stop: Callable[[], bool]) -> dict[str, Any]:
         """One optimiser step over `accumulate_grad_batches` batches; rank-averaged stats."""
         accumulate = self.cfg.accumulate_grad_batches
         self.optimizer.zero_grad(set_to_none=True)
@@ -476,9 +321,9 @@ class Trainer:
         skipped = samples = 0
         for index in range(accumulate):
             batch = stream.next()
-            skipped += _pop_skipped(batch)
-            keys.extend(_batch_keys(batch))
-            samples += _batch_size(batch)
+            skipped += pop_skipped(batch)
+            keys.extend(batch_keys(batch))
+            samples += batch_size(batch)
             batch = move_to_device(batch, self.env.device)
             # Gradients are all-reduced once per step, on its last batch.
             defer = self.env.distributed and index < accumulate - 1
@@ -792,46 +637,5 @@ def _check_loss(loss: Any, module: nn.Module) -> None:
         )
 
 
-def _pop_skipped(batch: Any) -> int:
-    if isinstance(batch, dict) and SKIPPED_KEY in batch:
-        return int(torch.as_tensor(batch.pop(SKIPPED_KEY)).sum())
-    return 0
-
-
-def _batch_keys(batch: Any) -> list[Any]:
-    if isinstance(batch, dict):
-        for name in KEY_FIELDS:
-            if name in batch:
-                value = batch[name]
-                return list(value) if isinstance(value, list | tuple) else [value]
-    return []
-
-
-def _batch_size(batch: Any) -> int:
-    """Leading size of the batch's first tensor (for samples per second)."""
-    values = batch.values() if isinstance(batch, dict) else [batch]
-    for value in values:
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return 1
-
-
 def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
-
-
-__all__ = [
-    "KEY_FIELDS",
-    "SKIPPED_KEY",
-    "CheckpointWriteError",
-    "FitResult",
-    "NonFiniteLossError",
-    "TrainLoaderFactory",
-    "Trainer",
-    "ValLoaderFactory",
-    "autocast",
-    "compute_metrics",
-    "evaluate",
-    "fit",
-    "run_validation",
-]

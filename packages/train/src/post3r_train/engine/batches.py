@@ -1,0 +1,95 @@
+"""Batches: the loader factories the engine takes, and what it reads from batches.
+
+`train_loader(start)` yields this rank's training batches from position `start` (batches
+consumed) on; `val_loader()` yields this rank's share of the validation set. Batches are dicts;
+besides tensors they may carry sample keys (`KEY_FIELDS`, named when a loss is not finite) and a
+count of corrupt samples the pipeline skipped (`SKIPPED_KEY`, or a loader's `num_skipped`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from post3r_train.engine.rng import RandomStream
+
+TrainLoaderFactory = Callable[[int], Iterable[dict]]
+"""`factory(start)`: this rank's training batches, skipping the first `start` of its stream."""
+ValLoaderFactory = Callable[[], Iterable[dict]]
+"""`factory()`: this rank's share of the validation set (disjoint across ranks)."""
+
+SKIPPED_KEY = "__skipped__"
+"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch.
+(A loader object with a cumulative `num_skipped` attribute, as post3r_data's, is read too.)"""
+KEY_FIELDS = ("__key__", "key", "keys", "video_id", "video_ids")
+"""Batch entries that name the samples (reported when a loss is not finite)."""
+
+
+class BatchStream:
+    """This rank's training batches from `position` on; a finite loader is restarted there.
+
+    The loader runs under its own random stream (see `RandomStream`), and a loader object with
+    a `num_skipped` counter (post3r_data's loaders) has its increments reported by `skipped`.
+    """
+
+    def __init__(self, factory: TrainLoaderFactory, position: int, rng: RandomStream) -> None:
+        self.factory, self.position, self.rng = factory, position, rng
+        self._skipped_before = 0
+        self._open()
+
+    def _open(self) -> None:
+        with self.rng.active():
+            self._loader = self.factory(self.position)
+            self._batches: Iterator[dict] = iter(self._loader)
+        self._counted = 0
+
+    def next(self) -> dict:
+        with self.rng.active():
+            batch = next(self._batches, None)
+        if batch is None:
+            self._skipped_before += self.skipped()
+            self._open()
+            with self.rng.active():
+                batch = next(self._batches, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"the train loader yields no batches from position {self.position} on; "
+                    "it must be an endless stream (e.g. WebDataset resampled=True) or restart "
+                    "when called with a start position"
+                )
+        self.position += 1
+        return batch
+
+    def skipped(self) -> int:
+        """Corrupt samples the loader counted (`num_skipped`) since the last call."""
+        total = int(getattr(self._loader, "num_skipped", 0) or 0)
+        new = total - self._counted + self._skipped_before
+        self._counted, self._skipped_before = total, 0
+        return new
+
+
+def pop_skipped(batch: Any) -> int:
+    if isinstance(batch, dict) and SKIPPED_KEY in batch:
+        return int(torch.as_tensor(batch.pop(SKIPPED_KEY)).sum())
+    return 0
+
+
+def batch_keys(batch: Any) -> list[Any]:
+    if isinstance(batch, dict):
+        for name in KEY_FIELDS:
+            if name in batch:
+                value = batch[name]
+                return list(value) if isinstance(value, list | tuple) else [value]
+    return []
+
+
+def batch_size(batch: Any) -> int:
+    """Leading size of the batch's first tensor (for samples per second)."""
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
