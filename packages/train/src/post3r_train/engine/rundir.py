@@ -110,29 +110,32 @@ class MetricsCSV:
     def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         self.columns: list[str] = ["step"]
-        self.rows: list[dict[str, str]] = []
+        rows = []
         if self.path.is_file():
-            with open(self.path, newline="") as file:
-                reader = csv.DictReader(file)
-                self.columns = list(reader.fieldnames or ["step"])
-                self.rows = [row for row in reader if _keep(row, keep_until_step)]
-        self._rewrite()
+            self.columns, rows = self._read()
+        self._rewrite([row for row in rows if _keep(row, keep_until_step)])
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": str(step), **{key: _format(value) for key, value in values.items()}}
-        self.rows.append(row)
-        if any(key not in self.columns for key in row):
-            self.columns += sorted(key for key in row if key not in self.columns)
-            self._rewrite()
+        new = sorted(key for key in row if key not in self.columns)
+        if new:
+            rows = self._read()[1]
+            self.columns += new
+            self._rewrite([*rows, row])
             return
         with open(self.path, "a", newline="") as file:
             csv.DictWriter(file, self.columns).writerow(row)
 
-    def _rewrite(self) -> None:
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        with open(self.path, newline="") as file:
+            reader = csv.DictReader(file)
+            return list(reader.fieldnames or ["step"]), list(reader)
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns)
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         atomic_write(self.path, lambda file: file.write(buffer.getvalue().encode()))
 
 
