@@ -56,15 +56,15 @@ class Case:
 
 @dataclass
 class Timing:
-    """Median milliseconds of a forward and of a forward+backward (None: not measured)."""
+    """Milliseconds of a forward and of a forward+backward (see call_ms; None: not measured)."""
 
     forward: float
     forward_backward: float | None
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Wall time of ``fn`` in ms: on a GPU the median over CUDA events with a flushed L2 cache,
-    on a CPU the minimum (least disturbed by other processes)."""
+def call_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
+    """Time of one call of ``fn`` in ms: on a GPU the median over CUDA events with a flushed L2
+    cache, on a CPU the fastest call (the least disturbed by other processes)."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
@@ -99,14 +99,14 @@ def make_case(shape: tuple[int, int, int, int], dtype_name: str, device: torch.d
 def measure_copy(case: Case, reps: int, warmup: int) -> None:
     src = torch.randn(case.x.numel(), device=case.x.device).to(case.x.dtype)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), src.device, reps, warmup)
+    ms = call_ms(lambda: dst.copy_(src), src.device, reps, warmup)
     case.copy_gbps = gbps(2 * src.numel() * src.element_size(), ms)
 
 
 def time_impl(fn: Rope, case: Case, reps: int, warmup: int, backward: bool) -> Timing:
     x, positions, device = case.x, case.positions, case.x.device
     with torch.no_grad():
-        forward = median_ms(lambda: fn(x, positions), device, reps, warmup)
+        forward = call_ms(lambda: fn(x, positions), device, reps, warmup)
     if not backward:
         return Timing(forward, None)
     leaf = x.detach().requires_grad_()
@@ -114,7 +114,7 @@ def time_impl(fn: Rope, case: Case, reps: int, warmup: int, backward: bool) -> T
     def forward_backward() -> None:
         torch.autograd.grad(fn(leaf, positions), leaf, case.grad)
 
-    return Timing(forward, median_ms(forward_backward, device, reps, warmup))
+    return Timing(forward, call_ms(forward_backward, device, reps, warmup))
 
 
 def selected_shapes(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
@@ -238,7 +238,7 @@ def sweep(args: argparse.Namespace) -> int:
 
             def forward_ms(config: LaunchConfig, case: Case = case) -> float:
                 call = lambda: launch_rope2d(case.x, case.positions, 100.0, config=config)  # noqa: E731
-                return median_ms(call, device, args.reps, args.warmup)
+                return call_ms(call, device, args.reps, args.warmup)
 
             ranked = sorted((forward_ms(config), config) for config in configs)
             print(f"{shape} {dtype_name}: copy {case.copy_gbps:.0f} GB/s")
