@@ -1,10 +1,11 @@
 """Vectorised ray caster for the synthetic scenes: a ground plane and boxes, spheres, cylinders.
 
-All videos, frames, pixels and objects of a batch are traced at once with torch on the CPU.
-Large tensors only see +, -, *, /, sqrt, floor, min/max, comparisons and selections (no fused
-ops, no reductions with arithmetic, no transcendental functions), all exactly rounded in IEEE
-arithmetic, so the output does not depend on thread count or SIMD tail handling: the same scene
-gives the same bytes.
+All videos, frames, pixels and objects of a batch are traced at once with torch on the CPU:
+a cheap bounding-sphere cull picks candidate pixel-object pairs, and only those get the exact
+intersection, computed per shape kind. Large tensors only see +, -, *, /, sqrt, floor,
+min/max, comparisons and selections (no fused ops, no reductions with arithmetic, no
+transcendental functions), all exactly rounded in IEEE arithmetic, so the output does not
+depend on thread count or SIMD tail handling: the same scene gives the same bytes.
 
 Conventions: world z is up and the ground is z = 0. Cameras use OpenCV axes (x right, y down,
 z forward) and pixel centres at integer coordinates. Rays have a camera-frame direction with
