@@ -101,6 +101,10 @@ def test_unknown_keys_are_rejected_with_a_suggestion():
         ({"pose_head": False}, "pose_head"),
         ({"dec_depth": 1}, "dec_depth"),
         ({"depth_mode": ("exp", 0, math.inf)}, "depth_mode"),
+        ({"local_mem_size": 0}, "local_mem_size must be an int >= 1, got 0"),
+        ({"ray_enc_depth": -1}, "ray_enc_depth must be an int >= 0, got -1"),
+        ({"state_size": 16.0}, "state_size must be an int >= 1, got 16.0"),
+        ({"img_size": (64, 64, 64)}, "img_size must be an int or \\(height, width\\)"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, message):

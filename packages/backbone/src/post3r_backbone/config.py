@@ -197,14 +197,16 @@ def _validate(cfg: TTT3RConfig) -> None:
         len(cfg.conf_mode) == 3 and cfg.conf_mode[0] in ("exp", "sigmoid"),
         f"conf_mode must be ('exp'|'sigmoid', vmin, vmax), got {cfg.conf_mode}",
     )
-    for name in ("patch_size", "enc_embed_dim", "enc_depth", "dec_embed_dim", "state_size"):
+    positive = ("patch_size", "enc_embed_dim", "enc_depth", "dec_embed_dim", "state_size")
+    for name in (*positive, "local_mem_size", "ray_enc_depth"):
+        value, low = getattr(cfg, name), 0 if name == "ray_enc_depth" else 1
         need(
-            isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0,
-            f"{name} must be a positive int",
+            isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{name} must be an int >= {low}, got {value!r}",
         )
     need(
-        cfg.local_mem_size > 0 and cfg.ray_enc_depth >= 0,
-        "local_mem_size > 0 and ray_enc_depth >= 0",
+        len(cfg.img_size) == 2,
+        f"img_size must be an int or (height, width), got {cfg.img_size}",
     )
     need(
         cfg.dec_depth >= 2,
