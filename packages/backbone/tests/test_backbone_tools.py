@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from post3r_backbone.benchmark import main as benchmark_main
 
 README = Path(__file__).parents[1] / "README.md"
@@ -28,3 +30,18 @@ def test_benchmark_prints_a_table(capsys):
     ]
     assert all(float(r[2]) > 0 for r in rows)  # frames/s
     assert rows[2][-1] == "1.00"  # cut3r against itself
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--size", "384"], "'384' is not HxW"),
+        (["--lengths", "0"], "--lengths: must be a positive integer, got 0"),
+        (["--batch", "0"], "--batch: must be a positive integer, got 0"),
+    ],
+)
+def test_benchmark_rejects_bad_options(option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_main(["--device", "cpu", *option])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -13,6 +13,7 @@ TTT3R rule's speed against the CUT3R rule's (the cost of the gate).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,6 @@ def _resident_bytes() -> int | None:
     statm = Path("/proc/self/statm")
     if not statm.exists():
         return None
-    import os
-
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -153,8 +152,18 @@ def _print_table(results: list[Result]) -> None:
 
 
 def _size(text: str) -> tuple[int, int]:
-    height, width = (int(v) for v in text.lower().split("x"))
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 384x512") from None
     return height, width
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=_size, help="HxW, e.g. 384x512 (default: 64x64 tiny, 384x512 ttt3r_512)"
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--lengths", type=_positive, nargs="+", default=[16, 64, 256])
     parser.add_argument(
         "--rules", nargs="+", choices=["ttt3r", "cut3r"], default=["ttt3r", "cut3r"]
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="bf16", help="GPU autocast dtype"
     )
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=_positive, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--outputs", nargs="+", help="output fields to compute (default: the defaults)"
