@@ -17,6 +17,7 @@ from post3r_train.engine.module import frozen_names
 SHARD_INVARIANT = ("ari", "image_ari", "mbo", "loss_feature", "loss_pointmap", "point_error")
 
 
+@pytest.mark.slow  # spawns processes that import torch
 def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None:
     from post3r_train.cli import main
     from post3r_train.config import load_config

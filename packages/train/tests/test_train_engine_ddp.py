@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_engine_toy as toy
 
 
+@pytest.mark.slow  # spawns processes that import torch
 def test_ddp_preempt_resume_sync_metrics_and_one_checkpoint_set(tmp_path: Path, capfd) -> None:
     # Rank 1 alone gets SIGTERM during step 2; both ranks must stop after step 2 with one
     # checkpoint, then continue to step 4 from it. Validation has 5 videos: 3 on rank 0, 2 on 1.

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from post3r_train.engine import fit, load_checkpoint, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,6 +51,7 @@ def wait_for_step(run_parent: Path, step: int, process: subprocess.Popen, timeou
     raise TimeoutError(f"no step {step} within {timeout} s")
 
 
+@pytest.mark.slow  # spawns processes that import torch
 def test_sigkill_then_continue_matches_the_unbroken_run(tmp_path: Path) -> None:
     kill_after = random.randint(3, 6)  # checkpoints every 2 steps: resume from 2, 4 or 6
     command = [sys.executable, toy.__file__, "--log-dir", str(tmp_path / "killed")]
