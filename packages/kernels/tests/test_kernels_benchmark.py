@@ -26,6 +26,7 @@ def test_benchmark_prints_a_row_per_implementation(capsys: pytest.CaptureFixture
         (["--dtypes", "fp8"], "--dtypes: unknown ['fp8']"),
         (["--impls", "cuda"], "--impls: unknown ['cuda']"),
         (["--shapes", "1,10,2,6"], "is not 'BT,N,H,D'"),
+        (["--reps", "-1"], "--reps must be >= 1"),
     ],
 )
 def test_benchmark_rejects_bad_options(option, message, capsys) -> None:

@@ -301,6 +301,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
     if unknown := sorted(set(args.impls) - set(rope2d_impls())):
         parser.error(f"--impls: unknown {unknown}; choose from {list(rope2d_impls())}")
+    if (args.reps is not None and args.reps < 1) or args.warmup < 0:
+        parser.error("--reps must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not on_gpu:
         parser.error("--device cuda: no CUDA or ROCm device is visible to torch")
     args.reps = args.reps or (50 if args.device.startswith("cuda") else 5)
