@@ -62,12 +62,15 @@ class Measurement:
 Step = Callable[[], torch.Tensor]
 """Runs one forward pass and returns the scalar to backpropagate."""
 
+Workload = tuple[Step, list[torch.Tensor]]
+"""A step and the tensors it trains (weights and input leaves), whose grads each step resets."""
+
 
 def _leaf(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.randn(*shape, device=device, requires_grad=True)
 
 
-def _slot_attention_step(sizes: Sizes, device: torch.device) -> Step:
+def _slot_attention_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     processor = ps.SlotVideoProcessor(
         ps.FixedLearnedInit(s.slots, s.slot_dim),
@@ -75,10 +78,13 @@ def _slot_attention_step(sizes: Sizes, device: torch.device) -> Step:
         ps.TransformerPredictor(s.slot_dim),
     ).to(device)
     features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
-    return lambda: processor(features).slots.float().square().mean()
+    return (lambda: processor(features).slots.float().square().mean()), [
+        *processor.parameters(),
+        features,
+    ]
 
 
-def _recurrent_step(sizes: Sizes, device: torch.device) -> Step:
+def _recurrent_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     side = int(s.patches**0.5)
     grid = (side, s.patches // side) if side * (s.patches // side) == s.patches else (1, s.patches)
@@ -88,25 +94,34 @@ def _recurrent_step(sizes: Sizes, device: torch.device) -> Step:
         detach_between_frames=True,
     ).to(device)
     features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
-    return lambda: processor(features).slots.float().square().mean()
+    return (lambda: processor(features).slots.float().square().mean()), [
+        *processor.parameters(),
+        features,
+    ]
 
 
-def _mlp_decoder_step(sizes: Sizes, device: torch.device) -> Step:
+def _mlp_decoder_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     decoder = ps.MLPDecoder(s.slot_dim, s.feature_dim, s.patches, s.decoder_hidden).to(device)
     slots = _leaf(s.batch, s.frames, s.slots, s.slot_dim, device=device)
-    return lambda: decoder(slots).reconstruction.float().square().mean()
+    return (lambda: decoder(slots).reconstruction.float().square().mean()), [
+        *decoder.parameters(),
+        slots,
+    ]
 
 
-def _pointmap_decoder_step(sizes: Sizes, device: torch.device) -> Step:
+def _pointmap_decoder_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     decoder = ps.PointmapDecoder(s.slot_dim, resolution=s.resolution, pose_dim=7).to(device)
     slots = _leaf(s.batch, s.frames, s.slots, s.slot_dim, device=device)
     pose = torch.randn(s.batch, s.frames, 7, device=device)
-    return lambda: decoder(slots, pose).pointmap.float().square().mean()
+    return (lambda: decoder(slots, pose).pointmap.float().square().mean()), [
+        *decoder.parameters(),
+        slots,
+    ]
 
 
-def _losses_step(sizes: Sizes, device: torch.device) -> Step:
+def _losses_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     frames = (s.batch, s.frames)
     reconstruction = _leaf(*frames, s.patches, s.feature_dim, device=device)
@@ -121,10 +136,10 @@ def _losses_step(sizes: Sizes, device: torch.device) -> Step:
         points = ps.pointmap_loss(pointmap, target, confidence=confidence).loss
         return feature + points + ps.slot_contrastive_loss(slots).loss
 
-    return step
+    return step, [reconstruction, pointmap, slots]
 
 
-COMPONENTS: dict[str, Callable[[Sizes, torch.device], Step]] = {
+COMPONENTS: dict[str, Callable[[Sizes, torch.device], Workload]] = {
     "slot attention + predictor": _slot_attention_step,
     "recurrent slot decoder (POST3R)": _recurrent_step,
     "MLP feature decoder": _mlp_decoder_step,
@@ -139,13 +154,15 @@ PIPELINE = (
 )
 
 
-def _time_step(step: Step, device: torch.device, variant: str, warmup: int, repeats: int):
-    """Run forward+backward ``warmup + repeats`` times; return the median time in ms."""
+def _runner(workload: Workload, device: torch.device, variant: str) -> Callable[[], float]:
+    """One training-like step (grads reset, forward, backward); returns its time in ms."""
+    step, leaves = workload
     if variant == "compile":
         step = torch.compile(step)
     autocast = variant == "bf16"
 
     def run() -> float:
+        _clear_grads(leaves)
         _synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -154,9 +171,12 @@ def _time_step(step: Step, device: torch.device, variant: str, warmup: int, repe
         _synchronize(device)
         return (time.perf_counter() - start) * 1000
 
-    for _ in range(warmup):
-        run()
-    return statistics.median(run() for _ in range(repeats))
+    return run
+
+
+def _clear_grads(leaves: list[torch.Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -167,25 +187,52 @@ def _synchronize(device: torch.device) -> None:
 def measure(
     component: str, sizes: Sizes, device: torch.device, variant: str, warmup: int, repeats: int
 ) -> Measurement:
-    """Build ``component`` and measure its forward+backward in this process."""
+    """Build ``component`` and measure its forward+backward in this process.
+
+    Memory is measured over the timed steps only, so compilation during warm-up is excluded.
+    """
     torch.manual_seed(0)
-    step = COMPONENTS[component](sizes, device)
+    workload = COMPONENTS[component](sizes, device)
+    run = _runner(workload, device, variant)
+    for _ in range(warmup):
+        run()
+    _clear_grads(workload[1])
+    before = _memory_baseline(device)
+    milliseconds = statistics.median(run() for _ in range(repeats))
+    return Measurement(milliseconds, (_memory_peak(device) - before) / MiB)
+
+
+def _memory_baseline(device: torch.device) -> int:
+    """Bytes in use now, after resetting the peak counter."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        milliseconds = _time_step(step, device, variant, warmup, repeats)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        before = _resident_bytes()
-        milliseconds = _time_step(step, device, variant, warmup, repeats)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return Measurement(milliseconds, peak / MiB)
+        return torch.cuda.memory_allocated(device)
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # the peak then also covers the warm-up steps
+    return _status_bytes("VmRSS")
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+def _memory_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), else the process's peak resident set."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def _measure_in_child(connection, *args) -> None:
