@@ -72,12 +72,14 @@ class BatchStream:
 
 
 def pop_skipped(batch: Any) -> int:
+    """Remove and return the batch's `SKIPPED_KEY` count (0 when absent)."""
     if isinstance(batch, dict) and SKIPPED_KEY in batch:
         return int(torch.as_tensor(batch.pop(SKIPPED_KEY)).sum())
     return 0
 
 
 def batch_keys(batch: Any) -> list[Any]:
+    """The batch's sample keys (the first of `KEY_FIELDS` present), for error messages."""
     if isinstance(batch, dict):
         for name in KEY_FIELDS:
             if name in batch:
