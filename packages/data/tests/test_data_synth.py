@@ -92,6 +92,13 @@ def test_masks_agree_with_depth_ordering():
     assert (label > 0).any() and (label == 0).any()
 
 
+def test_crowded_scenes_keep_every_object_drawn():
+    # Objects that found no room used to be dropped: most 8-object scenes had 5 to 7.
+    crowded = SynthConfig(min_objects=8, max_objects=8)
+    scenes = sample_scenes(seed=0, split="train", indices=range(6), size=8, frames=8, config=crowded)
+    assert (scenes.present.sum(dim=1) == 8).all()
+
+
 def test_same_seed_same_bytes_any_grouping(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -54,6 +54,7 @@ _ARENA_RADIUS = 2.2  # object centres start inside this disc around the origin
 _MARGIN = 0.1  # minimum gap between object bounding circles at every frame
 _MAX_SPEED = 0.05  # world units per frame at object_motion = 1
 _MAX_SPIN = 0.08  # radians per frame at object_motion = 1
+_PLACEMENT_ROUNDS = 8  # an object that does not fit shrinks by 15 % up to 7 times
 _RAYS_PER_RENDER = 2**18  # videos are traced in groups of about this many rays
 
 
@@ -160,8 +161,13 @@ def _place_objects(rng: np.random.Generator, config: SynthConfig, frames: int) -
     for color in _distinct_colors(count, rng):
         shape = int(rng.choice(shapes))
         half = _sample_half(shape, rng)
-        for attempt in range(200):
-            speed = rng.uniform(0, _MAX_SPEED * config.object_motion) if attempt < 100 else 0.0
+        # 100 tries moving, 100 static; then the object shrinks (crowded scenes of 7-8
+        # objects), so a scene always has the number of objects drawn.
+        for attempt in range(_PLACEMENT_ROUNDS * 200):
+            if attempt and attempt % 200 == 0:
+                half = tuple(0.85 * h for h in half)
+            moving = attempt % 200 < 100
+            speed = rng.uniform(0, _MAX_SPEED * config.object_motion) if moving else 0.0
             heading = rng.uniform(0, 2 * np.pi)
             candidate = _Object(
                 shape=shape,
@@ -177,6 +183,11 @@ def _place_objects(rng: np.random.Generator, config: SynthConfig, frames: int) -
             if _fits(candidate, placed, times):
                 placed.append(candidate)
                 break
+        else:
+            raise ValueError(
+                f"cannot place {count} objects that keep apart over {frames} frames; "
+                "lower max_objects, object_motion or the number of frames"
+            )
     return placed
 
 
