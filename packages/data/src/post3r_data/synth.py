@@ -54,6 +54,8 @@ _ARENA_RADIUS = 2.2  # object centres start inside this disc around the origin
 _MARGIN = 0.1  # minimum gap between object bounding circles at every frame
 _MAX_SPEED = 0.05  # world units per frame at object_motion = 1
 _MAX_SPIN = 0.08  # radians per frame at object_motion = 1
+_CAMERA_DISTANCE = (4.5, 8.0)  # from the point looked at
+_MAX_TARGET_DRIFT = 1.0  # of the point looked at, from the arena's centre
 _PLACEMENT_ROUNDS = 8  # an object that does not fit shrinks by 15 % up to 7 times
 _RAYS_PER_RENDER = 2**18  # videos are traced in groups of about this many rays
 
@@ -223,8 +225,13 @@ def _camera_path(rng: np.random.Generator, config: SynthConfig, frames: int) -> 
     for t in range(frames):
         elevation = np.clip(elevation0 + t * elevation_rate, min_elevation, max_elevation)
         azimuth = azimuth0 + t * azimuth_rate
-        distance = distance0 + t * distance_rate
+        # Bounds that only long videos (over 13 frames) reach: the camera stays outside the
+        # arena and keeps looking at it.
+        distance = np.clip(distance0 + t * distance_rate, *_CAMERA_DISTANCE)
         target = target0 + t * target_rate
+        drift = math.hypot(target[0], target[1])
+        if drift > _MAX_TARGET_DRIFT:
+            target[:2] *= _MAX_TARGET_DRIFT / drift
         offset = np.array(
             [
                 math.cos(elevation) * math.cos(azimuth),
