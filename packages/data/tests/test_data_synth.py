@@ -107,17 +107,23 @@ def test_long_videos_keep_objects_in_view():
 
 
 def test_same_seed_same_bytes_any_grouping(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = render_videos(seed=11, split="validation", indices=[4], size=SIZE, frames=FRAMES)[0]
-    finally:
-        torch.set_num_threads(threads)
-    grouped = render_videos(  # in a group, with the default thread count
+    one = render_videos(seed=11, split="validation", indices=[4], size=SIZE, frames=FRAMES)[0]
+    grouped = render_videos(  # in a group
         seed=11, split="validation", indices=[2, 3, 4], size=SIZE, frames=FRAMES
     )[2]
     for name in ("video", "segmentations", "depth", "pointmap", "camera_to_world"):
         assert np.array_equal(one[name], grouped[name]), name
+    # The renderer itself with 1 and 2 threads (tensors above torch's parallel grain size).
+    scenes = sample_scenes(seed=11, split="validation", indices=[2, 3, 4], size=32, frames=FRAMES)
+    threads, outputs = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outputs.append(render(scenes))
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in outputs[0].items():
+        assert torch.equal(value, outputs[1][name]), name
     a = generate_synthetic_dataset(
         tmp_path / "a", 5, SIZE, FRAMES, seed=1, videos_per_shard=3, progress=False
     )

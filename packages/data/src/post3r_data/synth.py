@@ -361,11 +361,15 @@ def render_videos(
     frames: int = 8,
     config: SynthConfig | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Render videos as dicts of arrays in shard layout (see the README for fields and dtypes)."""
+    """Render videos as dicts of arrays in shard layout (see the README for fields and dtypes).
+
+    Runs on one torch thread (see `_single_threaded`); the bytes do not depend on it.
+    """
     config = config or SynthConfig()
     split = canonical_split(split)
     scenes = [_sample_scene(seed, split, i, frames, config) for i in indices]
-    out = render(_scene_batch(scenes, size, config))
+    with _single_threaded():
+        out = render(_scene_batch(scenes, size, config))
     intrinsics = np.broadcast_to(intrinsics_matrix(size, config.fov_degrees), (frames, 3, 3))
     videos = []
     for v, (index, scene) in enumerate(zip(indices, scenes, strict=True)):
@@ -529,13 +533,12 @@ def _single_threaded() -> Iterator[None]:
 
 def _write_synthetic_shard(path, seed, split, indices, size, frames, config) -> int:
     """Render videos `indices` of a split into one shard; return how many."""
-    with _single_threaded():
-        samples = (
-            _encode(video)
-            for group in _render_groups(indices, size, frames)
-            for video in render_videos(seed, split, group, size, frames, config)
-        )
-        write_shard(path, samples)
+    samples = (
+        _encode(video)
+        for group in _render_groups(indices, size, frames)
+        for video in render_videos(seed, split, group, size, frames, config)
+    )
+    write_shard(path, samples)
     return len(indices)
 
 
