@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 import warnings
 from pathlib import Path
@@ -136,8 +137,8 @@ def test_stream_is_reproducible_and_resumes_exactly(shards, workers):
     assert _signature(full[:4]) != _signature(full[4:8])  # epochs differ
 
 
-def test_ranks_draw_different_training_streams(shards):
-    def keys(rank: int) -> list[str]:
+def test_ranks_draw_from_disjoint_shard_shares(shards):
+    def keys(rank: int, world_size: int) -> list[str]:
         loader = make_train_loader(
             shards,
             batch_size=2,
@@ -145,11 +146,16 @@ def test_ranks_draw_different_training_streams(shards):
             resolution=8,
             steps_per_epoch=6,
             rank=rank,
-            world_size=2,
+            world_size=world_size,
         )
         return [k for batch in loader for k in batch["key"]]
 
-    assert keys(0) != keys(1)
+    # Three shards of two videos, two ranks: rank 0 reads shards 0 and 2, rank 1 shard 1.
+    first, second = keys(0, 2), keys(1, 2)
+    assert set(first) <= {"vid000", "vid001", "vid004", "vid005"} and len(set(first)) > 2
+    assert set(second) == {"vid002", "vid003"}
+    # Fewer shards than ranks: every rank draws from all of them, each with its own seed.
+    assert keys(0, 4) != keys(3, 4)
 
 
 def _val_keys(shards, world_size: int, workers: int = 0) -> list[list[str]]:
@@ -215,14 +221,41 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
         keys = [k for batch in loader for k in batch["key"]]
     # Shard 0 whole; shard 1 without "broken"; the truncated copy of shard 0 up to the cut.
     assert keys == ["vid000", "vid001", "vid002", "vid009", "vid000"]
-    assert loader.num_skipped >= 2
-    assert any("broken" in str(w.message) for w in caught)
+    assert loader.num_skipped == 2  # the broken sample and the rest of the truncated shard
+    messages = [str(w.message) for w in caught]
+    assert any("'broken'" in m for m in messages)
+    assert any("toy-train-000002.tar: unexpected end of data" in m for m in messages)
     with pytest.raises(CorruptSampleError, match=r"'broken' in .*toy-train-000001.tar: video.npy"):
         list(make_val_loader(shards, resolution=8, on_error="raise"))
     train = make_train_loader(shards, batch_size=2, chunk_size=3, resolution=8, steps_per_epoch=20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(list(train)) == 20 and train.num_skipped > 0
+
+
+class _TouchOnUnpickle:
+    """Unpickling this object creates a file: proof that a loader unpickled shard data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("scheme", ["", "file:"])  # seeking reader, webdataset's stream
+def test_pickled_arrays_are_refused_unread(tmp_path, scheme):
+    marker = tmp_path / "unpickled"
+    payload = io.BytesIO()
+    np.save(payload, np.array([_TouchOnUnpickle(marker)] * 5, dtype=object), allow_pickle=True)
+    video = toy_video(0, 5)
+    path = tmp_path / shard_name("toy", "train", 0)
+    sample = {"__key__": "evil", "video.npy": encode_npy(video["video"])}
+    write_shard(path, [{**sample, "segmentations.npy": payload.getvalue()}])
+    loader = make_val_loader([f"{scheme}{path}"], resolution=8, on_error="raise")
+    with pytest.raises(CorruptSampleError, match="refusing to load an object"):
+        list(loader)
+    assert not marker.exists()
 
 
 def test_unusable_stream_fails_clearly(shards):
