@@ -281,3 +281,33 @@ def test_cli_reports_missing_input_and_summary(fake_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train: 3 videos, 9 frames, 3 objects" in printed
     assert "validation: 2 videos, 6 frames, 3 objects" in printed
+    # Two worker processes write the same bytes as one.
+    convert_ytvis(root, tmp_path / "one", size=SIZE, val_videos=2, workers=1, progress=False)
+    names = sorted(p.name for p in (tmp_path / "o").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "one").glob("*.tar")) and len(names) == 2
+    for name in names:
+        assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_frame_filters_against_independent_oracles(fake_root, tmp_path):
+    """Video 15 is 40 x 60, halved to 20 x 30: the area filter averages 2 x 2 blocks, and the
+    bilinear one matches torch's antialiased bilinear; both within the rounding of PIL's
+    separable passes."""
+    root, _ = fake_root
+    source = np.stack(
+        [np.asarray(Image.open(root / "train/JPEGImages/eee" / f"{t:05d}.jpg")) for t in range(3)]
+    ).astype(np.float64)
+    blocks = source.reshape(3, 20, 2, 30, 2, 3).mean(axis=(2, 4))
+    smooth = torch.nn.functional.interpolate(
+        torch.from_numpy(source).permute(0, 3, 1, 2), size=(20, 30), mode="bilinear", antialias=True
+    )
+    oracles = {"area": blocks, "bilinear": smooth.permute(0, 2, 3, 1).numpy()}
+    for resample, oracle in oracles.items():
+        out = tmp_path / resample
+        convert_ytvis(
+            root, out, size=SIZE, val_videos=1, splits=["val"], resample=resample, progress=False
+        )
+        frames = read_shards(find_shards(out, "ytvis", "validation"))["15"]["video.npy"]
+        assert np.abs(frames - oracle).max() <= 1.0, resample
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        convert_ytvis(root, tmp_path / "x", size=SIZE, splits=["test"], progress=False)

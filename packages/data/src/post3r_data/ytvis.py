@@ -37,6 +37,7 @@ from tqdm import tqdm
 from post3r_data.clips import nearest_indices
 from post3r_data.shards import (
     ShardSummary,
+    canonical_split,
     encode_npy,
     plan_shards,
     prepare_output_dir,
@@ -266,6 +267,7 @@ def convert_ytvis(
         raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {resample!r}")
     if size < 1 or videos_per_shard < 1 or val_videos < 0:
         raise ValueError("size and videos_per_shard must be >= 1 and val_videos >= 0")
+    splits = [canonical_split(split) for split in splits]
     videos, annotations = load_annotations(input_dir)
     if val_videos >= len(videos):
         raise ValueError(f"val_videos={val_videos} leaves no training videos out of {len(videos)}")
