@@ -244,10 +244,14 @@ def _break(root: Path, what: str) -> None:
         (frames / "00002.jpg").unlink()
     elif what == "corrupt jpeg":
         (frames / "00001.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    elif what == "frame count":
+    elif what in ("frame count", "no category"):
         path = root / "train" / "instances.json"
         content = json.loads(path.read_text())
-        next(a for a in content["annotations"] if a["video_id"] == 12)["segmentations"].pop()
+        annotation = next(a for a in content["annotations"] if a["video_id"] == 12)
+        if what == "frame count":
+            annotation["segmentations"].pop()
+        else:
+            del annotation["category_id"]
         path.write_text(json.dumps(content))
 
 
@@ -257,6 +261,7 @@ def _break(root: Path, what: str) -> None:
         ("missing frame", "00002.jpg is missing"),
         ("corrupt jpeg", "cannot decode"),
         ("frame count", "3 masks for 4 frames"),
+        ("no category", "category id None outside 1..255"),
     ],
 )
 def test_bad_video_is_named_or_skipped(fake_root, tmp_path, what, message):
@@ -275,6 +280,10 @@ def test_bad_video_is_named_or_skipped(fake_root, tmp_path, what, message):
 def test_cli_reports_missing_input_and_summary(fake_root, tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 1
     assert "instances.json" in capsys.readouterr().err
+    (tmp_path / "odd" / "train").mkdir(parents=True)
+    (tmp_path / "odd" / "train" / "instances.json").write_text('{"videos": [{"name": "x"}]}')
+    assert main(["--input", str(tmp_path / "odd"), "--output", str(tmp_path / "o")]) == 1
+    assert "is not a YouTube-VIS instances file (KeyError: 'id')" in capsys.readouterr().err
     root, _ = fake_root
     args = ["--input", str(root), "--output", str(tmp_path / "o"), "--size", str(SIZE)]
     assert main([*args, "--val-videos", "2", "--workers", "2"]) == 0

@@ -139,8 +139,8 @@ def _instance_masks(
                 f"annotation {annotation.get('id')} has {len(segmentations)} masks "
                 f"for {frames} frames",
             )
-        category = annotation["category_id"]
-        if not 1 <= category <= 255:
+        category = annotation.get("category_id")
+        if not isinstance(category, int) or not 1 <= category <= 255:
             raise BadVideoError(task.video["id"], name, f"category id {category} outside 1..255")
         channel = np.zeros((frames, *out_hw), np.uint8)
         for t, segmentation in enumerate(segmentations):
@@ -228,13 +228,14 @@ def load_annotations(input_dir: Path) -> tuple[list[dict], dict[Any, list[dict]]
     try:
         content = json.loads(path.read_text())
         videos = content["videos"]
-        annotations = content.get("annotations") or []
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a YouTube-VIS instances file: {error}") from None
-    by_video: dict[Any, list[dict]] = {v["id"]: [] for v in videos}
-    for annotation in annotations:
-        if not annotation.get("iscrowd", 0) and annotation["video_id"] in by_video:
-            by_video[annotation["video_id"]].append(annotation)
+        by_video: dict[Any, list[dict]] = {v["id"]: [] for v in videos}
+        for annotation in content.get("annotations") or []:
+            if not annotation.get("iscrowd", 0) and annotation["video_id"] in by_video:
+                by_video[annotation["video_id"]].append(annotation)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is not a YouTube-VIS instances file ({type(error).__name__}: {error})"
+        ) from None
     return videos, by_video
 
 
