@@ -231,9 +231,16 @@ def _clips(
         yield from clips
 
 
-def _finish(clips: Iterator, spec: _ClipSpec) -> Iterator[dict]:
-    for clip in clips:
-        yield finish_clip(clip, spec.resolution, spec.frames_dtype)
+def _collate_clips(clips: list, spec: _ClipSpec) -> dict:
+    finished = [finish_clip(clip, spec.resolution, spec.frames_dtype) for clip in clips]
+    return collate(finished, frames_dtype=spec.frames_dtype)
+
+
+def _batches(spec: _ClipSpec, batch_size: int, keep_partial: bool) -> Callable:
+    """Pipeline stage: resize clips and stack them into batches of `batch_size`."""
+    return wds.batched(
+        batch_size, collation_fn=partial(_collate_clips, spec=spec), partial=keep_partial
+    )
 
 
 def _rng_seeds(*entropy: int) -> tuple[int, int, int]:
@@ -294,12 +301,7 @@ class _TrainStream(IterableDataset):
                 rng=random.Random(shuffle_seed),
             ),
             lambda clips: islice(clips, own_skipped * self.batch_size, None),
-            partial(_finish, spec=self.spec),
-            wds.batched(
-                self.batch_size,
-                collation_fn=partial(collate, frames_dtype=self.spec.frames_dtype),
-                partial=False,
-            ),
+            _batches(self.spec, self.batch_size, keep_partial=False),
         )
         return iter(pipeline)
 
@@ -333,12 +335,7 @@ class _ValStream(IterableDataset):
             partial(read_samples, errors=self.errors, fields=self.spec.fields),
             mine,
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
-            partial(_finish, spec=self.spec),
-            wds.batched(
-                self.batch_size,
-                collation_fn=partial(collate, frames_dtype=self.spec.frames_dtype),
-                partial=True,
-            ),
+            _batches(self.spec, self.batch_size, keep_partial=True),
         )
         return iter(pipeline)
 
