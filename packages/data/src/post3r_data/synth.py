@@ -17,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from post3r_data.shards import (
     ShardSummary,
     canonical_split,
     encode_npy,
+    ordered_map,
     plan_shards,
     prepare_output_dir,
     summarize_shards,
@@ -499,15 +499,8 @@ def generate_synthetic_dataset(
         disable=not progress,
     ) as bar:
         jobs = [(path, seed, split, indices, size, frames, config) for path, split, indices in todo]
-        if workers <= 1:
-            for job in jobs:
-                bar.update(_write_synthetic_shard(*job))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for done in as_completed(
-                    [pool.submit(_write_synthetic_shard, *job) for job in jobs]
-                ):
-                    bar.update(done.result())
+        for written in ordered_map(_write_synthetic_shard, jobs, workers):
+            bar.update(written)
     result.seconds = time.perf_counter() - start
     result.splits = {
         split: summarize_shards(path for path, _ in shards) for split, shards in plan.items()
@@ -531,8 +524,9 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _write_synthetic_shard(path, seed, split, indices, size, frames, config) -> int:
+def _write_synthetic_shard(job: tuple) -> int:
     """Render videos `indices` of a split into one shard; return how many."""
+    path, seed, split, indices, size, frames, config = job
     samples = (
         _encode(video)
         for group in _render_groups(indices, size, frames)
@@ -598,10 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     for split, summary in result.splits.items():
-        print(
-            f"{split:>10}: {summary.videos} videos, {summary.frames} frames, "
-            f"{summary.objects} objects, {summary.shards} shards, {summary.bytes / 1e6:.1f} MB"
-        )
+        print(f"{split:>10}: {summary.describe()}")
     print(
         f"rendered {result.rendered_videos} videos in {result.seconds:.1f} s "
         f"({result.videos_per_second:.1f} videos/s) into {result.out_dir}"

@@ -21,9 +21,7 @@ import json
 import os
 import sys
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -39,6 +37,7 @@ from post3r_data.shards import (
     ShardSummary,
     canonical_split,
     encode_npy,
+    ordered_map,
     plan_shards,
     prepare_output_dir,
     summarize_shards,
@@ -201,25 +200,6 @@ def _try_convert(task: _Task) -> dict[str, bytes] | BadVideoError:
         return error
 
 
-def _ordered_map(function: Callable, items: Iterable, workers: int) -> Iterator:
-    """map() over a process pool, in order, with a bounded number of items in flight."""
-    if workers <= 1:
-        yield from map(function, items)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(function, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
 def load_annotations(input_dir: Path) -> tuple[list[dict], dict[Any, list[dict]]]:
     """Videos in JSON order and the non-crowd annotations of each video."""
     path = input_dir / "train" / "instances.json"
@@ -314,7 +294,7 @@ def convert_ytvis(
         with tqdm(
             total=total, initial=done, desc=f"ytvis {split}", unit="video", disable=not progress
         ) as bar:
-            converted = _ordered_map(_try_convert, tasks, workers)
+            converted = ordered_map(_try_convert, tasks, workers)
             for path, chunk in todo:
                 samples = _accept(
                     islice(converted, len(chunk)), split, skip_bad, result.skipped, bar
@@ -394,11 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if result.kept_shards:
         print(f"kept {result.kept_shards} finished shards from an earlier run")
-    for split, s in result.splits.items():
-        print(
-            f"{split:>10}: {s.videos} videos, {s.frames} frames, {s.objects} objects, "
-            f"{s.shards} shards, {s.bytes / 1e9:.2f} GB"
-        )
+    for split, summary in result.splits.items():
+        print(f"{split:>10}: {summary.describe()}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad videos:")
         for entry in result.skipped:
