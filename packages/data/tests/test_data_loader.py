@@ -258,6 +258,15 @@ def test_pickled_arrays_are_refused_unread(tmp_path, scheme):
     assert not marker.exists()
 
 
+def test_any_failure_on_a_sample_names_it(shards, monkeypatch):
+    def fail(*args):
+        raise ValueError("read ended early")
+
+    monkeypatch.setattr("post3r_data.loader.central_clips", fail)
+    with pytest.raises(CorruptSampleError, match=r"'vid000' in .*toy-train-000000.tar: read ended"):
+        list(make_val_loader(shards, resolution=8, on_error="raise"))
+
+
 def test_unusable_stream_fails_clearly(shards):
     loader = make_train_loader(shards, batch_size=1, chunk_size=50, resolution=8, steps_per_epoch=1)
     with pytest.raises(RuntimeError, match="shorter than chunk_size"):

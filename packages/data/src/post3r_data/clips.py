@@ -34,7 +34,6 @@ class Video:
     or as `NpyMember`s that read only the frames a clip takes."""
 
     key: str
-    source: str
     video: np.ndarray | NpyMember
     extra: dict[str, np.ndarray | NpyMember] = field(default_factory=dict)
 
@@ -130,7 +129,7 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
             source,
             f"segmentations must be integer ids, got {arrays['segmentations'].dtype}",
         )
-    return Video(key=key, source=source, video=video, extra=arrays)
+    return Video(key=key, video=video, extra=arrays)
 
 
 def crop_window(height: int, width: int, out_hw: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from post3r_data.clips import (
     OPTIONAL_FIELDS,
+    CorruptSampleError,
     CorruptShardError,
     central_clips,
     collate,
@@ -221,8 +222,12 @@ def _clips(
     for sample in samples:
         try:
             clips = make(decode_video(sample, spec.fields))
-        except Exception as error:
+        except CorruptSampleError as error:
             errors.handle(error)
+            continue
+        except Exception as error:  # e.g. a read that ends early: name the sample
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            errors.handle(CorruptSampleError(f"sample {key!r} in {url}: {error}"))
             continue
         if not clips:
             errors.failed()
