@@ -117,7 +117,8 @@ def _decode_table(shards: list[str], chunk_size: int) -> None:
     def whole() -> np.ndarray:
         with tarfile.open(shards[0]) as tar:
             member = next(m for m in tar if m.name.endswith(".video.npy"))
-            return np.load(io.BytesIO(tar.extractfile(member).read()))[:chunk_size].copy()
+            data = io.BytesIO(tar.extractfile(member).read())
+            return np.load(data, allow_pickle=False)[:chunk_size].copy()
 
     def seek() -> np.ndarray:
         samples = read_local_shard(shards[0], lambda field: field == "video.npy")
