@@ -160,6 +160,9 @@ def test_rerun_keeps_shards_and_refuses_other_settings(tmp_path):
     assert again.rendered_videos == 0 and first.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other settings"):
         generate_synthetic_dataset(out, 4, SIZE, FRAMES, seed=1, videos_per_shard=2, progress=False)
+    (out / "synthetic-info.json").write_text("")  # e.g. lost in a crash
+    with pytest.raises(ValueError, match=r"synthetic-info.json is unreadable .*--overwrite"):
+        generate_synthetic_dataset(out, 4, SIZE, FRAMES, seed=0, videos_per_shard=2, progress=False)
     redone = generate_synthetic_dataset(
         out, 2, SIZE, FRAMES, seed=1, overwrite=True, progress=False
     )

@@ -218,7 +218,10 @@ def write_json_atomic(path: str | os.PathLike, content: Any) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "w") as stream:
+        stream.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
     os.replace(tmp, path)
 
 
@@ -263,7 +266,16 @@ def prepare_output_dir(out_dir: Path, dataset: str, settings: dict, overwrite: b
     """
     info_path = out_dir / f"{dataset}-info.json"
     existing = sorted(out_dir.glob(f"{dataset}-*.tar")) if out_dir.exists() else []
-    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
+    try:
+        previous = json.loads(info_path.read_text()) if info_path.exists() else {}
+    except ValueError as error:
+        if existing and not overwrite:
+            raise ValueError(
+                f"{info_path} is unreadable ({error}), so the shards beside it cannot be "
+                "checked against these settings; use another output directory or overwrite "
+                "them (--overwrite)"
+            ) from None
+        previous = {}
     if overwrite:
         for path in existing:
             path.unlink()
