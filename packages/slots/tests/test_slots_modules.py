@@ -84,6 +84,23 @@ def test_gaussian_init_samples_in_training_and_is_repeatable_in_eval():
         GaussianInit(4, DS, eval_mode="median")
 
 
+def test_seeded_eval_slots_do_not_depend_on_the_batch():
+    # A DDP-sharded evaluation groups videos differently per rank: each video must get the same
+    # starting slots (and so the same corrected slots) whatever its batch and position in it.
+    init = GaussianInit(4, DS).eval()
+    torch.testing.assert_close(init(3)[2], init(1)[0])
+    torch.testing.assert_close(init(3), GaussianInit(4, DS).eval()(3))  # same seed, same noise
+    assert not torch.equal(init(1), GaussianInit(4, DS, eval_seed=1).eval()(1))
+    processor = SlotVideoProcessor(init, SlotAttention(D, DS), TransformerPredictor(DS)).eval()
+    features = torch.randn(3, 2, 5, D)
+    together = processor(features)
+    for sample in range(3):
+        alone = processor(features[sample : sample + 1])
+        torch.testing.assert_close(together.slots[sample], alone.slots[0])
+        torch.testing.assert_close(together.masks[sample], alone.masks[0])
+    assert not torch.allclose(together.slots[0], together.slots[1])
+
+
 def test_carry_over_init_resets_per_sample():
     base = FixedLearnedInit(3, DS)
     carry = CarryOverInit(base)

@@ -33,10 +33,12 @@ class GaussianInit(nn.Module):
     """Slots drawn from a learned diagonal Gaussian shared by all slots (VideoSAUR's choice).
 
     Sampling is reparameterised, so ``mean`` and ``log_std`` receive gradients. In training mode
-    every call draws fresh samples. In eval mode ``eval_mode="seeded"`` (default) draws from a
-    generator seeded with ``eval_seed`` at each call, so evaluation is repeatable, and
-    ``eval_mode="mean"`` returns the mean (all slots identical: slot attention then cannot break
-    the symmetry, so use it only with a corrector that can).
+    every call draws fresh samples per (sample, slot). In eval mode ``eval_mode="seeded"``
+    (default) draws one (K, Ds) noise sample on the CPU from a generator seeded with
+    ``eval_seed`` and gives it to every sample, so a video's starting slots depend neither on its
+    position in the batch (a DDP-sharded evaluation equals a single-process one) nor on the
+    device; ``eval_mode="mean"`` returns the mean (all slots identical: slot attention then cannot
+    break the symmetry, so use it only with a corrector that can).
 
     Args:
         num_slots: K, the default slot count (a call may ask for another).
@@ -62,15 +64,19 @@ class GaussianInit(nn.Module):
         num_slots: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Return (batch_size, K, Ds); ``generator`` overrides the mode's randomness."""
+        """Return (batch_size, K, Ds); a ``generator`` overrides the mode's randomness: fresh
+        noise per sample and slot, drawn from it on the parameters' device."""
         shape = (batch_size, num_slots or self.num_slots, self.slot_dim)
         if generator is None and not self.training:
             if self.eval_mode == "mean":
                 return self.mean.expand(shape)
-            generator = torch.Generator(self.mean.device).manual_seed(self.eval_seed)
-        noise = torch.randn(
-            shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+            seeded = torch.Generator().manual_seed(self.eval_seed)
+            noise = torch.randn(shape[1:], generator=seeded, dtype=self.mean.dtype)
+            noise = noise.to(self.mean.device).expand(shape)
+        else:
+            noise = torch.randn(
+                shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+            )
         return self.mean + self.log_std.exp() * noise
 
 
