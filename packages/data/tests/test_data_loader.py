@@ -344,6 +344,25 @@ def test_rank_comes_from_the_environment(shards, monkeypatch):
         make_val_loader(shards, resolution=8)
 
 
+def test_fortran_ordered_arrays_read_like_c_ordered_ones(tmp_path):
+    arrays = toy_video(3, 6)
+    paths = {}
+    for order in ("C", "F"):
+        sample = {"__key__": "vid003"}
+        for name, array in arrays.items():
+            payload = io.BytesIO()
+            np.save(payload, np.asarray(array, order=order), allow_pickle=False)
+            sample[f"{name}.npy"] = payload.getvalue()
+        paths[order] = tmp_path / shard_name(f"toy{order}", "validation", 0)
+        write_shard(paths[order], [sample])
+    expected = next(iter(make_val_loader([str(paths["C"])], resolution=(12, 12))))
+    check_clip_content(expected)
+    for url in (str(paths["F"]), f"file:{paths['F']}"):  # seeking reader, webdataset's stream
+        batch = next(iter(make_val_loader([url], resolution=(12, 12))))
+        for name in ("frames", "segmentations", "frame_index"):
+            assert torch.equal(batch[name], expected[name]), (url, name)
+
+
 def test_urls_stream_through_webdataset_with_the_same_result(shards):
     """Non-local URLs are streamed by webdataset instead of seeking; the batches agree."""
     urls = [f"file:{path}" for path in shards]

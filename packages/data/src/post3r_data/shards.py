@@ -125,17 +125,16 @@ class TarMember(NamedTuple):
 
 
 class NpyMember:
-    """A C-ordered `.npy` tar member read lazily: its header at once, and then only the
-    leading-axis range that is indexed (`member[a:b]`), e.g. four frames of a whole video.
+    """A `.npy` tar member read lazily: its header at once, and then only the leading-axis
+    range that is indexed (`member[a:b]`), e.g. four frames of a whole video. A
+    Fortran-ordered array, whose frames are not contiguous, is read whole.
 
     Reads use `os.pread`, so they do not disturb the tar reader's file position.
     """
 
     def __init__(self, member: TarMember) -> None:
         stream = io.BytesIO(os.pread(member.fd, min(member.size, 65536), member.offset))
-        self.shape, fortran_order, self.dtype = _npy_header(stream)
-        if fortran_order:
-            raise ValueError("Fortran-ordered .npy arrays are not supported")
+        self.shape, self._fortran, self.dtype = _npy_header(stream)
         self._fd, self._start = member.fd, member.offset + stream.tell()
         _check_payload(member.size - stream.tell(), self.shape, self.dtype)
 
@@ -143,16 +142,22 @@ class NpyMember:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def _read(self, offset: int, size: int) -> np.ndarray:
+        data = os.pread(self._fd, size, self._start + offset)
+        if len(data) != size:
+            raise ValueError(".npy payload is truncated (the shard file ends early)")
+        return np.frombuffer(data, self.dtype)
+
     def __getitem__(self, index: slice) -> np.ndarray:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("NpyMember supports contiguous leading-axis slices only")
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if self._fortran:
+            whole = self._read(0, self.shape[0] * row)
+            return whole.reshape(self.shape, order="F")[index]
         start, stop, _ = index.indices(self.shape[0])
         count = max(0, stop - start)
-        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        data = os.pread(self._fd, count * row, self._start + start * row)
-        if len(data) != count * row:
-            raise ValueError(".npy payload is truncated (the shard file ends early)")
-        return np.frombuffer(data, self.dtype).reshape(count, *self.shape[1:])
+        return self._read(start * row, count * row).reshape(count, *self.shape[1:])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self[:]
