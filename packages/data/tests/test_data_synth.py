@@ -226,3 +226,6 @@ def test_config_and_cli_validate_and_report(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--min-objects", "0"])
     assert "min_objects" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # was accepted and wrote no validation split
+        main([*args, "--val-videos", "-1"])
+    assert "num_val_videos must be >= 0, got -1" in capsys.readouterr().err

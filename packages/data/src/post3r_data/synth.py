@@ -464,6 +464,8 @@ def generate_synthetic_dataset(
             f"{num_videos}, {size}, {frames}, {videos_per_shard}"
         )
     num_val_videos = max(1, num_videos // 8) if num_val_videos is None else num_val_videos
+    if num_val_videos < 0:
+        raise ValueError(f"num_val_videos must be >= 0, got {num_val_videos}")
     out_dir = Path(out_dir).expanduser()
     settings = {
         "num_videos": num_videos,
