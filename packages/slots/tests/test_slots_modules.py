@@ -56,8 +56,12 @@ def test_slot_attention_without_mlp_and_bad_settings():
     attention = SlotAttention(D, DS, mlp_hidden_dim=0)
     assert attention.mlp is None
     assert attention(torch.randn(1, 2, DS), torch.randn(1, 4, D)).slots.shape == (1, 2, DS)
-    with pytest.raises(ValueError, match="iterations"):
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
         SlotAttention(D, DS, iterations=0)
+    with pytest.raises(ValueError, match="first_frame_iterations must be >= 1, got 0"):
+        SlotAttention(D, DS, first_frame_iterations=0)  # was silently replaced by iterations
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
+        attention(torch.randn(1, 2, DS), torch.randn(1, 4, D), iterations=0)  # was empty masks
 
 
 def test_fixed_learned_init_is_shared_and_deterministic():

@@ -34,6 +34,11 @@ class ResidualMLP(nn.Module):
         return x + self.net(x)
 
 
+def _check_iterations(value: int, name: str) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 class SlotAttention(nn.Module):
     """Iterative slot attention: slots compete for patches through a softmax over slots.
 
@@ -68,12 +73,10 @@ class SlotAttention(nn.Module):
         epsilon: float = 1e-8,
     ) -> None:
         super().__init__()
-        first_frame_iterations = first_frame_iterations or iterations
-        if iterations < 1 or first_frame_iterations < 1:
-            raise ValueError(
-                f"iterations and first_frame_iterations must be >= 1, "
-                f"got {iterations} and {first_frame_iterations}"
-            )
+        if first_frame_iterations is None:
+            first_frame_iterations = iterations
+        _check_iterations(iterations, "iterations")
+        _check_iterations(first_frame_iterations, "first_frame_iterations")
         qkv_dim = qkv_dim or slot_dim
         mlp_hidden_dim = 4 * slot_dim if mlp_hidden_dim is None else mlp_hidden_dim
         self.feature_dim, self.slot_dim = feature_dim, slot_dim
@@ -105,6 +108,7 @@ class SlotAttention(nn.Module):
         check_shape(features, "features", "B N D", B=sizes["B"], D=self.feature_dim)
         if iterations is None:
             iterations = self.first_frame_iterations if first_frame else self.iterations
+        _check_iterations(iterations, "iterations")
         features = self.norm_features(features)
         keys = self.to_k(features) * self.scale
         values = self.to_v(features)
