@@ -136,6 +136,39 @@ def test_mbo_hand_cases():
     assert float(scores[0]) == pytest.approx(1.0)
 
 
+def oracle_mbo(pred_ids, target, ignore_background, num_slots) -> float | None:
+    """Mean over objects of the best IoU over slots, by boolean masks; overlap pixels
+    (OVERLAP_ID) leave both sides. None when the sample has no object."""
+    kept = target != OVERLAP_ID
+    objects = [o for o in target[kept].unique().tolist() if o != 0 or not ignore_background]
+    if not objects:
+        return None
+    best = []
+    for obj in objects:
+        true = (target == obj) & kept
+        slots = [(pred_ids == k) & kept for k in range(num_slots)]
+        best.append(max(int((true & s).sum()) / int((true | s).sum()) for s in slots))
+    return sum(best) / len(best)
+
+
+@pytest.mark.parametrize("ignore_background", [True, False])
+def test_mbo_matches_a_mask_by_mask_oracle_on_random_cases(ignore_background):
+    generator = torch.Generator().manual_seed(3)
+    for case in range(30):
+        num_slots = 1 + case % 5
+        pred, target = correlated_case(generator, (3, 4, 5), num_slots)
+        target[torch.rand(target.shape, generator=generator) < 0.1] = OVERLAP_ID
+        scores, counted = mean_best_overlap(
+            one_hot_masks(pred, num_slots), target, ignore_background=ignore_background,
+            ignore_overlaps=True,
+        )  # fmt: skip
+        for sample in range(3):
+            expected = oracle_mbo(pred[sample], target[sample], ignore_background, num_slots)
+            assert bool(counted[sample]) == (expected is not None)
+            if expected is not None:
+                assert float(scores[sample]) == pytest.approx(expected, abs=1e-9)
+
+
 def test_overlap_and_hungarian_matching_differ():
     # Two objects both best covered by slot 0; slot 1 holds the background.
     target = torch.tensor([[1, 1, 2, 2, 0, 0, 0, 0]])
