@@ -174,6 +174,22 @@ def test_recurrent_slot_decoder_gate_and_positions():
     torch.testing.assert_close(gridded(slots, features).slots, later.slots)
 
 
+def test_recurrent_decoder_sees_patches_through_their_rope_positions():
+    # Patches are a set located by their positions: moving features together with positions
+    # changes nothing (masks follow the patches), moving features alone changes the slots.
+    decoder = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2)
+    slots, features = torch.randn(1, 3, 32), torch.randn(1, 12, D)
+    positions = patch_grid_positions(3, 4)[None]
+    order = torch.randperm(12)
+    out = decoder(slots, features, positions=positions)
+    moved = decoder(slots, features[:, order], positions=positions[:, order])
+    torch.testing.assert_close(moved.slots, out.slots)
+    torch.testing.assert_close(moved.gate, out.gate)
+    torch.testing.assert_close(moved.masks, out.masks[..., order])
+    shuffled = decoder(slots, features[:, order], positions=positions)
+    assert not torch.allclose(shuffled.slots, out.slots, atol=1e-4)
+
+
 def test_recurrent_gate_is_computed_per_sample():
     decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2)
     slots, features = torch.randn(3, 2, 32), torch.randn(3, 16, D)
