@@ -70,18 +70,21 @@ def _leaf(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.randn(*shape, device=device, requires_grad=True)
 
 
+def _processor_workload(processor: torch.nn.Module, sizes: Sizes, device: torch.device) -> Workload:
+    processor = processor.to(device)
+    features = _leaf(sizes.batch, sizes.frames, sizes.patches, sizes.feature_dim, device=device)
+    step = lambda: processor(features).slots.float().square().mean()  # noqa: E731
+    return step, [*processor.parameters(), features]
+
+
 def _slot_attention_step(sizes: Sizes, device: torch.device) -> Workload:
     s = sizes
     processor = ps.SlotVideoProcessor(
         ps.FixedLearnedInit(s.slots, s.slot_dim),
         ps.SlotAttention(s.feature_dim, s.slot_dim, iterations=2, first_frame_iterations=3),
         ps.TransformerPredictor(s.slot_dim),
-    ).to(device)
-    features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
-    return (lambda: processor(features).slots.float().square().mean()), [
-        *processor.parameters(),
-        features,
-    ]
+    )
+    return _processor_workload(processor, sizes, device)
 
 
 def _recurrent_step(sizes: Sizes, device: torch.device) -> Workload:
@@ -92,12 +95,8 @@ def _recurrent_step(sizes: Sizes, device: torch.device) -> Workload:
         ps.FixedLearnedInit(s.slots, s.slot_dim),
         ps.RecurrentSlotDecoder(s.feature_dim, s.slot_dim, num_blocks=3, grid_size=grid),
         detach_between_frames=True,
-    ).to(device)
-    features = _leaf(s.batch, s.frames, s.patches, s.feature_dim, device=device)
-    return (lambda: processor(features).slots.float().square().mean()), [
-        *processor.parameters(),
-        features,
-    ]
+    )
+    return _processor_workload(processor, sizes, device)
 
 
 def _mlp_decoder_step(sizes: Sizes, device: torch.device) -> Workload:
