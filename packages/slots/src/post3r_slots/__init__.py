@@ -5,6 +5,8 @@ POST3R's recurrent slot decoder, feature and pointmap decoders with alpha masks,
 torchmetrics metrics. Shapes: B batch, T frames, N patches, D feature dim, K slots, Ds slot dim.
 """
 
+from typing import TYPE_CHECKING
+
 from post3r_slots.attention import ResidualMLP, SlotAttention, SlotAttentionOutput
 from post3r_slots.decoders import (
     FeatureDecoderOutput,
@@ -27,16 +29,6 @@ from post3r_slots.masks import (
     resize_masks,
     slot_point_clouds,
 )
-from post3r_slots.metrics import (
-    OVERLAP_ID,
-    ImageARI,
-    ImageMBO,
-    VideoARI,
-    VideoMBO,
-    adjusted_rand_index,
-    instance_masks_to_ids,
-    mean_best_overlap,
-)
 from post3r_slots.predictor import TransformerPredictor
 from post3r_slots.recurrent import (
     RecurrentSlotDecoder,
@@ -46,6 +38,44 @@ from post3r_slots.recurrent import (
     slot_grid_positions,
 )
 from post3r_slots.video import SlotVideoProcessor, VideoSlots
+
+if TYPE_CHECKING:
+    from post3r_slots.metrics import (
+        OVERLAP_ID,
+        ImageARI,
+        ImageMBO,
+        VideoARI,
+        VideoMBO,
+        adjusted_rand_index,
+        instance_masks_to_ids,
+        mean_best_overlap,
+    )
+
+# The metrics are imported on first use: torchmetrics imports torchvision when it is installed,
+# which triples the import time of a package that is otherwise torch alone.
+_METRICS = (
+    "OVERLAP_ID",
+    "ImageARI",
+    "ImageMBO",
+    "VideoARI",
+    "VideoMBO",
+    "adjusted_rand_index",
+    "instance_masks_to_ids",
+    "mean_best_overlap",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _METRICS:
+        from post3r_slots import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module 'post3r_slots' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_METRICS})
+
 
 __all__ = [
     "OVERLAP_ID",
