@@ -275,6 +275,12 @@ def test_metric_inputs_are_checked():
         VideoMBO().update(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="matching must be"):
         ImageMBO(matching="greedy")
+    with pytest.raises(ValueError, match=r"sum to 1 over the slots .* over \[0, 0\]"):
+        ImageARI(soft_masks=True).update(torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4).long())
+    logits = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="not logits"):
+        mean_best_overlap(logits, torch.ones(2, 4, 4).long(), soft_masks=True)
+    ImageMBO(soft_masks=True).update(logits.softmax(1), torch.ones(2, 4, 4).long())
     with pytest.raises(ValueError, match="soft_masks=True needs pred as float masks"):
         ImageARI(soft_masks=True).update(
             torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 4, 4, dtype=torch.long)

@@ -118,6 +118,13 @@ def _contingency(
 
 def _soft_contingency(masks: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     num_samples, num_slots = masks.shape[:2]
+    totals = masks.sum(dim=1, dtype=torch.float64)
+    if bool((masks < 0).any()) or not bool(((totals - 1).abs() <= 1e-2).all()):
+        raise ValueError(
+            "soft_masks=True needs masks that are non-negative and sum to 1 over the slots "
+            "(softmax probabilities, e.g. decoder masks), not logits; per-pixel sums range over "
+            f"[{float(totals.min()):.3g}, {float(totals.max()):.3g}]"
+        )
     counts = masks.new_zeros(num_rows, num_slots, dtype=torch.float64)
     weights = masks.movedim(1, -1).reshape(-1, num_slots)
     rows = rows.flatten()
