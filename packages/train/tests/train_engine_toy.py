@@ -7,7 +7,7 @@ reproducible from a start position, which is what exact resume needs.
 Script use (single process, under torchrun, or `--devices N` to launch N workers):
     python train_engine_toy.py --log-dir D --max-steps 6 [--continue RUN] [--sigterm-at 3] ...
 With --resume-after-stop, a run stopped by a signal is continued from its run directory in the
-same process (a preemption and a restart in one launch).
+same process (a preemption and a restart in one launch), up to twice.
 """
 
 from __future__ import annotations
@@ -59,7 +59,13 @@ def make_batch(indices: list[int]) -> dict:
 class ToyModule(TrainModule):
     """Frozen features (Linear + BatchNorm) into a trainable head with dropout."""
 
-    def __init__(self, hidden: int = 16, dropout: float = 0.1, sigterm_at: int | None = None):
+    def __init__(
+        self,
+        hidden: int = 16,
+        dropout: float = 0.1,
+        sigterm_at: int | None = None,
+        signal_parent: bool = False,
+    ):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8))
         self.backbone.requires_grad_(False)
@@ -70,7 +76,7 @@ class ToyModule(TrainModule):
             nn.Dropout(dropout),
             nn.Linear(hidden, 1),
         )
-        self.sigterm_at = sigterm_at
+        self.sigterm_at, self.signal_parent = sigterm_at, signal_parent
         self.calls = 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,7 +87,10 @@ class ToyModule(TrainModule):
     def training_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         self.calls += 1
         if self.sigterm_at is not None and self.calls == self.sigterm_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.signal_parent:
+                signal_launcher_and_wait()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         error = self(batch["x"]).float() - batch["y"]
         loss = error.pow(2).mean()
         return loss, {"mse": loss.detach(), "abs": error.abs().mean().detach()}
@@ -99,6 +108,28 @@ class ToyModule(TrainModule):
         values = outputs["prediction"].detach().cpu().flatten()
         pixels = ((values - values.min()) / (values.max() - values.min() + 1e-8) * 255).byte()
         Image.fromarray(pixels.reshape(1, -1).repeat(8, 1).numpy()).save(directory / "pred.png")
+
+
+def signal_launcher_and_wait(timeout: float = 60.0) -> None:
+    """SIGTERM the launcher (as a scheduler would) and wait until it has forwarded the signal
+    here, so the stop lands in this step whatever the forwarding latency."""
+    received: list[int] = []
+    recorder = signal.getsignal(signal.SIGTERM)  # the engine's PreemptionWatch
+
+    def relay(signum: int, frame: object) -> None:
+        received.append(signum)
+        recorder(signum, frame)
+
+    signal.signal(signal.SIGTERM, relay)
+    try:
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, recorder)
+    if not received:
+        raise TimeoutError(f"the launcher did not forward SIGTERM within {timeout} s")
 
 
 def train_stream(
@@ -199,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--val-size", type=int, default=5)
     parser.add_argument("--sigterm-at", type=int, help="rank 1 (or 0 alone) signals itself")
+    parser.add_argument(
+        "--launcher-sigterm-at",
+        type=int,
+        help="in the run continued after a stop, rank 1 signals the launcher at this call",
+    )
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--resume-after-stop", action="store_true", help="then --continue")
@@ -211,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signaller = 1 if env.world_size > 1 else 0
         resume = args.resume
-        for attempt in range(2):
+        # Attempt 0 may be stopped by --sigterm-at, attempt 1 by --launcher-sigterm-at.
+        for attempt in range(3):
             seed_everything(0)
-            sigterm_at = args.sigterm_at if env.rank == signaller and attempt == 0 else None
+            sigterm_at = [args.sigterm_at, args.launcher_sigterm_at, None][attempt]
+            sigterm_at = sigterm_at if env.rank == signaller else None
             result = fit(
-                ToyModule(sigterm_at=sigterm_at),
+                ToyModule(sigterm_at=sigterm_at, signal_parent=attempt == 1),
                 train_stream(env.rank, env.world_size, 4, step_sleep=args.step_sleep),
                 val_stream(env.rank, env.world_size, args.val_size),
                 trainer=small_trainer(

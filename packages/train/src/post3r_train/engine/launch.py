@@ -40,8 +40,11 @@ def launch_local(
 ) -> int:
     """Run `python -m module *argv` (or `python script *argv`) as `nproc` DDP workers.
 
-    Returns 0 when every worker succeeded, 1 otherwise (the failing rank's error is logged).
+    Returns 0 when every worker succeeded, 1 otherwise (the failing rank's error is logged),
+    and 128 + the signal number when this process was signalled (SIGTERM, SIGUSR1, ...): the
+    launcher has then forwarded the signal and waited for the workers to checkpoint and exit.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -68,6 +71,14 @@ def launch_local(
     except ChildFailedError as exc:
         log.error("%s", exc.format_msg())
         return 1
+    except SignalException as exc:
+        # Raised after the agent has forwarded the signal and the workers have stopped (or
+        # were killed after `shutdown_timeout_s`): a preemption, not a crash to trace back.
+        log.warning(
+            "%s: the workers were asked to checkpoint and stop; --continue resumes the run",
+            exc.sigval.name,
+        )
+        return 128 + int(exc.sigval)
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
