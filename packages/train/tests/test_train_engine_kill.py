@@ -55,7 +55,7 @@ def wait_for_step(run_parent: Path, step: int, process: subprocess.Popen, timeou
 def test_sigkill_then_continue_matches_the_unbroken_run(tmp_path: Path) -> None:
     kill_after = random.randint(3, 6)  # checkpoints every 2 steps: resume from 2, 4 or 6
     command = [sys.executable, toy.__file__, "--log-dir", str(tmp_path / "killed")]
-    command += ["--max-steps", "8", "--step-sleep", "0.3"]
+    command += ["--max-steps", "8", "--step-sleep", "0.5"]  # >= 1 s of slack before the end
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "wb") as stderr:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -66,9 +66,14 @@ def test_sigkill_then_continue_matches_the_unbroken_run(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+    # The run may have gone past `kill_after` before the kill landed (a busy machine): judge the
+    # checkpoint against the last step it logged, not against the step we waited for.
+    reached = max(step for step, _ in losses(run_dir))
+    assert kill_after <= reached < 8, "the kill must land mid-training"
     last = run_dir / "results" / "checkpoints" / "last.ckpt"
     stopped_at = load_checkpoint(last)["step"]  # intact, whatever the kill interrupted
-    assert stopped_at >= 2 and stopped_at <= kill_after + 1
+    # Checkpoints every 2 steps, each written after its step's log row.
+    assert 2 <= stopped_at <= reached and stopped_at >= reached - 2
 
     resumed = train(None, resume=run_dir)
     reference = train(tmp_path / "reference")
