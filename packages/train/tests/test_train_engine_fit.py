@@ -121,6 +121,8 @@ def test_nan_stop_names_step_and_keys_and_keeps_the_good_checkpoint(tmp_path: Pa
     assert "step=000004.ckpt" in message
     (root,) = (tmp_path / "toy").iterdir()
     assert load_checkpoint(root / "results" / "checkpoints" / "last.ckpt")["step"] == 4
+    failure = (root / "logs" / "failure-rank0.txt").read_text()  # the run says why it failed
+    assert "rank 0 failed after step 4" in failure and "NonFiniteLossError: step 5" in failure
 
 
 def test_nan_skip_limit_stops_the_run(tmp_path: Path) -> None:

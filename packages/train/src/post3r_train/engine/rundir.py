@@ -6,11 +6,12 @@
   logs/metrics/metrics.csv    one row per log event: step, then one column per metric
   logs/tensorboard/           scalars and the validation images
   logs/wandb/                 only with --wandb
+  logs/failure-rank<N>.txt    the traceback of each failure of rank N (only if one failed)
   results/checkpoints/        last.ckpt, step=NNNNNN.ckpt
   visualizations/step=NNNNNN/ what the module's `visualize` wrote at each validation
 ```
-Only rank 0 writes here. On resume, log rows after the checkpoint's step are dropped, so a
-resumed run's logs read as if it had never stopped.
+Only rank 0 writes here, except for the failure logs. On resume, log rows after the checkpoint's
+step are dropped, so a resumed run's logs read as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class RunDir:
     @property
     def visuals(self) -> Path:
         return self.root / "visualizations"
+
+    def failure_log(self, rank: int) -> Path:
+        return self.logs / f"failure-rank{rank}.txt"
 
     def save_config(self, text: str) -> None:
         atomic_write_text(self.config_path, text)

@@ -14,11 +14,12 @@ import functools
 import logging
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,9 +60,6 @@ from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
 from post3r_train.engine.validation import autocast, run_validation
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("post3r_train.engine")
 
@@ -119,28 +117,54 @@ def fit(
     optim.validate()
     own_env = env is None
     env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
-    logger = None
+    run = logger = engine = None
     try:
         run, payload = _open_run(env, log_dir, experiment, resume)
         if run is not None and env.is_main:
-            run.make_folders()
-            if config is not None:
-                run.save_config(_config_yaml(config))
-            resume_step = None if payload is None else int(payload["step"])
-            logger = RunLogger(
-                run,
-                resume_step,
-                tensorboard=tensorboard,
-                wandb=wandb,
-                config=_config_dict(config),
-            )
+            logger = _start_logging(run, config, payload, tensorboard, wandb)
         engine = Trainer(module, trainer, optim, env=env, run=run, logger=logger, seed=seed)
         return engine.fit(train_loader, val_loader, payload)
+    except BaseException:
+        if run is not None:
+            _record_failure(run, env.rank, None if engine is None else engine.step)
+        raise
     finally:
         if logger is not None:
             logger.close()
         if own_env:
             shutdown_distributed(env)
+
+
+def _start_logging(
+    run: RunDir,
+    config: Any,
+    payload: Mapping[str, Any] | None,
+    tensorboard: bool,
+    wandb: WandbSettings | None,
+) -> RunLogger:
+    """Rank 0: the run's folders, config.yaml and loggers (truncated to a resumed step)."""
+    run.make_folders()
+    if config is not None:
+        run.save_config(_config_yaml(config))
+    resume_step = None if payload is None else int(payload["step"])
+    return RunLogger(
+        run, resume_step, tensorboard=tensorboard, wandb=wandb, config=_config_dict(config)
+    )
+
+
+def _record_failure(run: RunDir, rank: int, step: int | None) -> None:
+    """Append the exception being raised to this rank's failure log, so a run directory left
+    without a checkpoint still says why (each rank has its own file, no rank waits)."""
+    path = run.failure_log(rank)
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    where = "before its first step" if step is None else f"after step {step}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as file:
+            file.write(f"=== {when} rank {rank} failed {where}\n{traceback.format_exc()}\n")
+    except OSError:  # e.g. the disk is full: the exception itself still propagates
+        return
+    log.error("rank %d failed %s; traceback in %s", rank, where, path)
 
 
 class _TrainingStep(nn.Module):
