@@ -125,6 +125,16 @@ def test_carry_over_init_resets_per_sample():
         carry(2, torch.randn(2, 5, DS), torch.tensor([False, True]))
 
 
+def test_carry_over_init_detach_cuts_the_gradient_to_previous_slots():
+    previous = torch.randn(2, 3, DS, requires_grad=True)
+    for detach, reaches in ((False, True), (True, False)):
+        slots = CarryOverInit(FixedLearnedInit(3, DS), detach=detach)(2, previous).slots
+        assert slots.requires_grad == reaches
+        if reaches:
+            (grad,) = torch.autograd.grad(slots.sum(), previous)
+            torch.testing.assert_close(grad, torch.ones_like(grad))
+
+
 def test_predictor_is_equivariant_and_rejects_bad_heads():
     predictor = TransformerPredictor(DS, num_heads=4)
     slots = torch.randn(2, 5, DS)
@@ -188,6 +198,15 @@ def test_recurrent_decoder_sees_patches_through_their_rope_positions():
     torch.testing.assert_close(moved.masks, out.masks[..., order])
     shuffled = decoder(slots, features[:, order], positions=positions)
     assert not torch.allclose(shuffled.slots, out.slots, atol=1e-4)
+
+
+def test_recurrent_decoder_detach_gate_stops_gradients_through_the_gate():
+    slots, features = torch.randn(1, 2, 32), torch.randn(1, 4, D)
+    for detach in (False, True):
+        decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2, detach_gate=detach)
+        out = decoder(slots, features)
+        assert out.gate.requires_grad != detach
+        assert out.slots.requires_grad  # the blocks still train
 
 
 def test_recurrent_gate_is_computed_per_sample():
