@@ -131,6 +131,9 @@ def test_checkpoint_round_trip_and_foreign_or_broken_files(tmp_path: Path) -> No
     save_checkpoint(path, {"step": 1, "model": {"w": torch.arange(3.0)}})
     loaded = load_checkpoint(path)
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
+    plain = tmp_path / "plain"
+    plain.touch()  # atomic writes get the mode of an ordinary new file, not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
     truncated = tmp_path / "last.ckpt"
     truncated.write_bytes(path.read_bytes()[:100])
