@@ -43,6 +43,12 @@ train_args() {
   printf '%s\n' "${args[@]}"
 }
 
+# Since Slurm 22.05 a job step no longer inherits the batch job's --cpus-per-task: without this,
+# each srun task (a torchrun and all its workers, or one trainer per GPU) gets a single core.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+  export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
+
 # The first node of the allocation hosts the rendezvous.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
