@@ -1,5 +1,6 @@
 """The benchmark script runs every component and prints its table (no timing is asserted)."""
 
+import pytest
 import torch
 
 from post3r_slots import benchmark
@@ -37,3 +38,18 @@ def test_cpu_measurement_runs_in_a_child_process():
     result = benchmark.measure_isolated(component, sizes, torch.device("cpu"), "fp32", 0, 1)
     assert isinstance(result, benchmark.Measurement), result
     assert result.milliseconds > 0 and result.peak_mib >= 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--repeats", "0", "must be an integer >= 1, got 0"),  # was a table of n/a, exit 0
+        ("--warmup", "-1", "must be an integer >= 0, got -1"),
+        ("--frames", "1", "must be an integer >= 2, got 1"),
+        ("--patches", "x", "invalid int value: 'x'"),
+    ],
+)
+def test_bad_sizes_are_parser_errors(option, value, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args([option, value])
+    assert message in capsys.readouterr().err

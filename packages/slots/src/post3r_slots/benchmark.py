@@ -349,6 +349,19 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its 'invalid int value' message
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench-slots",
@@ -363,22 +376,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="bf16",
         help="variant measured against fp32 eager: bf16 autocast or torch.compile (default: bf16)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=4)
-    parser.add_argument("--patches", type=int, default=37 * 37)
-    parser.add_argument("--feature-dim", type=int, default=768)
-    parser.add_argument("--slots", type=int, default=7)
-    parser.add_argument("--slot-dim", type=int, default=128)
+    parser.add_argument("--batch-size", type=_at_least(1), default=8)
     parser.add_argument(
-        "--decoder-hidden", type=int, nargs="+", default=[1024, 1024, 1024], metavar="WIDTH"
+        "--frames", type=_at_least(2), default=4, help="at least 2 (the contrastive loss)"
     )
-    parser.add_argument("--resolution", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    parser.add_argument("--patches", type=_at_least(1), default=37 * 37)
+    parser.add_argument("--feature-dim", type=_at_least(1), default=768)
+    parser.add_argument("--slots", type=_at_least(1), default=7)
+    parser.add_argument("--slot-dim", type=_at_least(1), default=128)
     parser.add_argument(
-        "--target-resolution", type=int, nargs=2, default=[518, 518], metavar=("H", "W"),
+        "--decoder-hidden",
+        type=_at_least(1),
+        nargs="+",
+        default=[1024, 1024, 1024],
+        metavar="WIDTH",
+    )
+    parser.add_argument(
+        "--resolution", type=_at_least(1), nargs=2, default=[128, 128], metavar=("H", "W")
+    )
+    parser.add_argument(
+        "--target-resolution", type=_at_least(1), nargs=2, default=[518, 518], metavar=("H", "W"),
         help="resolution of the pointmap target in the losses row (default: 518 518)",
     )  # fmt: skip
-    parser.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 3 on GPU)")
-    parser.add_argument("--repeats", type=int, help="timed steps (default: 1 on CPU, 10 on GPU)")
+    parser.add_argument(
+        "--warmup", type=_at_least(0), help="warm-up steps (default: 1 on CPU, 3 on GPU)"
+    )
+    parser.add_argument(
+        "--repeats", type=_at_least(1), help="timed steps (default: 1 on CPU, 10 on GPU)"
+    )
     return parser.parse_args(argv)
 
 
