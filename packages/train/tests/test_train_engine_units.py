@@ -6,6 +6,7 @@ import errno
 import math
 import random
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from post3r_train.engine.checkpoint import prune_checkpoints, publish_as, step_c
 from post3r_train.engine.config import parse_duration
 from post3r_train.engine.module import frozen_names
 from post3r_train.engine.rng import capture_rng, restore_rng
-from post3r_train.engine.rundir import MetricsCSV, start_wandb
+from post3r_train.engine.rundir import MetricsCSV, RunLogger, start_wandb
 from post3r_train.engine.schedule import lr_factor
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -223,6 +224,43 @@ def test_wandb_missing_gives_the_install_command(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(RuntimeError, match="uv sync --extra wandb"):
         start_wandb(RunDir.create(tmp_path, "exp"), WandbSettings(), {})
+
+
+def fake_wandb(init) -> types.ModuleType:
+    module = types.ModuleType("wandb")
+    module.init = init
+    module.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+    return module
+
+
+def test_wandb_goes_offline_without_an_api_key_and_never_stops_training(
+    tmp_path, monkeypatch
+) -> None:
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(lambda **kw: calls.append(kw) or "run"))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run = RunDir.create(tmp_path, "exp")
+    assert start_wandb(run, WandbSettings(), {"a": 1}) == "run"
+    assert calls[-1]["mode"] == "offline"  # no key: no login prompt, no network
+    assert calls[-1]["id"] == "abc123" and calls[-1]["config"] == {"a": 1}
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password secret\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # what `wandb login` writes
+    start_wandb(run, WandbSettings(), {})
+    assert calls[-1]["mode"] == "online" and calls[-1]["id"] == "abc123"  # same run resumed
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    start_wandb(run, WandbSettings(), {})
+    assert calls[-1]["mode"] == "disabled"
+
+    def unreachable(**kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(unreachable))
+    logger = RunLogger(run, tensorboard=False, wandb=WandbSettings())
+    assert logger.wandb is None  # W&B failed to start; the CSV log still works
+    logger.log(1, {"train/loss": 0.5})
+    assert run.metrics_csv.read_text().splitlines() == ["step,train/loss", "1,0.5"]
 
 
 def test_preemption_watch_records_sigusr1_and_restores_the_handler() -> None:

@@ -21,6 +21,9 @@ import datetime
 import io
 import logging
 import math
+import netrc
+import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +220,12 @@ class RunLogger:
 
 
 def start_wandb(run: RunDir, settings: WandbSettings, config: dict[str, Any]) -> Any:
-    """Start (or, on resume, continue) the W&B run of this run directory."""
+    """Start (or, on resume, continue) the W&B run of this run directory.
+
+    Safe without a network or an account: with no API key (WANDB_API_KEY or `wandb login`) and
+    no WANDB_MODE, W&B logs offline into the run directory (`wandb sync` uploads it later) instead
+    of prompting for a login; if W&B cannot start at all, training goes on without it.
+    """
     try:
         import wandb
     except ImportError as exc:
@@ -229,13 +237,35 @@ def start_wandb(run: RunDir, settings: WandbSettings, config: dict[str, Any]) ->
     id_file.parent.mkdir(parents=True, exist_ok=True)
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
     atomic_write_text(id_file, run_id)
-    log.info("W&B run %s (WANDB_MODE=offline keeps it local)", run_id)
-    return wandb.init(
-        project=settings.project,
-        entity=settings.entity,
-        name=f"{run.root.parent.name}_{run.root.name}",
-        id=run_id,
-        resume="allow",
-        dir=str(run.logs),
-        config=config,
-    )
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_api_key_known() else "offline")
+    log.info("W&B run %s, %s (WANDB_MODE chooses online or offline)", run_id, mode)
+    try:
+        return wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=f"{run.root.parent.name}_{run.root.name}",
+            id=run_id,
+            resume="allow",
+            dir=str(run.logs),
+            config=config,
+            mode=mode,
+        )
+    except Exception as exc:  # W&B's errors have no common base class
+        log.warning(
+            "W&B could not start (%s: %s); training goes on, logging to metrics.csv and "
+            "TensorBoard only (WANDB_MODE=offline logs to W&B without a network)",
+            type(exc).__name__,
+            exc,
+        )
+        return None
+
+
+def _wandb_api_key_known() -> bool:
+    """Whether W&B has an API key: WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
