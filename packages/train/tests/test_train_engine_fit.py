@@ -55,10 +55,12 @@ def column(result: FitResult, name: str) -> list[tuple[int, str]]:
     return [(int(r["step"]), r[name]) for r in rows(result) if r.get(name)]
 
 
-def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path) -> None:
-    result = run(tmp_path)
+def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path, capsys) -> None:
+    result = run(tmp_path, progress_bar=True)
     root = result.run_dir
     assert result.step == 6 and result.stop_reason == "max_steps"
+    bar = capsys.readouterr().err.split("\r")[-1]  # the progress bar's final state
+    assert "train: 100%" in bar and "6/6" in bar and "step/s" in bar and "loss=" in bar
     assert root.parent == tmp_path / "toy"
     assert "engine test" in (root / "config.yaml").read_text()
     checkpoints = sorted(p.name for p in (root / "results" / "checkpoints").iterdir())

@@ -88,6 +88,31 @@ class FitResult:
     rank: int = 0
 
 
+@dataclass
+class _LocalStep:
+    """One rank's sums over the batches of a step, before the all-reduce."""
+
+    loss: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    keys: list[Any] = field(default_factory=list)
+    skipped: int = 0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """A step as every rank sees it: figures averaged (counts summed) over ranks."""
+
+    loss: float
+    nonfinite: bool
+    skipped: int
+    stop: bool
+    parts: dict[str, float]
+    grad_norm: float
+    samples: int
+    lr: float
+
+
 def fit(
     module: TrainModule,
     train_loader: TrainLoaderFactory,
@@ -301,10 +326,9 @@ class Trainer:
         self._announce()
         deadline = None if self.cfg.max_time_s is None else time.monotonic() + self.cfg.max_time_s
         reason = "max_steps"
-        bar = self._progress_bar()
         timer = _RateMeter()
         self.module.train()
-        with PreemptionWatch() as watch:
+        with PreemptionWatch() as watch, self._progress_bar() as bar:
             while self.step < self.cfg.max_steps:
                 with timer:
                     stats = self._train_step(stream, lambda: watch.requested or _past(deadline))
@@ -313,14 +337,11 @@ class Trainer:
                     self._validate(val_loader)
                 if self._due(self.cfg.checkpoint_every_n_steps):
                     self._save("periodic")
-                if stats["stop"]:
-                    reason = "max_time" if _past(deadline) else "stop requested by another rank"
-                    reason = f"signal {watch.received}" if watch.requested else reason
+                if stats.stop:
+                    reason = _stop_reason(watch, deadline)
                     self._save(reason)
                     log.info("stopping at step %d (%s)", self.step, reason)
                     break
-        if bar is not None:
-            bar.close()
         check_ranks_agree(self.step, "the step training ended at", self.env)
         return FitResult(
             step=self.step,
@@ -336,19 +357,39 @@ class Trainer:
     def _due(self, interval: int) -> bool:
         return self.step % interval == 0 or self.step == self.cfg.max_steps
 
-    def _train_step(self, stream: BatchStream, stop: Callable[[], bool]) -> dict[str, Any]:
+    def _train_step(self, stream: BatchStream, stop: Callable[[], bool]) -> _StepStats:
         """One optimiser step over `accumulate_grad_batches` batches; rank-averaged stats."""
-        accumulate = self.cfg.accumulate_grad_batches
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.env.device)
-        parts_sum: dict[str, Tensor] = {}
-        keys: list[Any] = []
-        skipped = samples = 0
+        local = self._forward_backward(stream)
+        if not self._checked_first_step:
+            self._check_first_step(sorted(local.parts), local.samples)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        stats = self._reduce(local, grad_norm, stop())
+        if stats.nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._handle_nonfinite(local.keys, stats)
+        else:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # A skipped update (non-finite, or GradScaler overflow) still advances the schedule.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.step += 1
+        self.data_position = stream.position
+        self.data_skipped += stats.skipped
+        return stats
+
+    def _forward_backward(self, stream: BatchStream) -> _LocalStep:
+        """Forward and backward over this rank's batches of one step (loss and parts summed)."""
+        accumulate = self.cfg.accumulate_grad_batches
+        local = _LocalStep(loss=torch.zeros((), device=self.env.device))
         for index in range(accumulate):
             batch = stream.next()
-            skipped += pop_skipped(batch)
-            keys.extend(batch_keys(batch))
-            samples += batch_size(batch)
+            local.skipped += pop_skipped(batch)
+            local.keys.extend(batch_keys(batch))
+            local.samples += batch_size(batch)
             batch = move_to_device(batch, self.env.device)
             # Gradients are all-reduced once per step, on its last batch.
             defer = self.env.distributed and index < accumulate - 1
@@ -357,55 +398,40 @@ class Trainer:
                     loss, parts = self.net(batch)
                 _check_loss(loss, self.module)
                 self.scaler.scale(loss.float() / accumulate).backward()
-            loss_sum += loss.detach().float()
+            local.loss += loss.detach().float()
             for name, value in parts.items():
                 value = torch.as_tensor(value, device=self.env.device).detach().float()
-                parts_sum[name] = parts_sum.get(name, 0) + value
-        skipped += stream.skipped()
-        if not self._checked_first_step:
-            self._check_first_step(sorted(parts_sum), samples)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
-        finite = torch.isfinite(loss_sum)
+                local.parts[name] = local.parts.get(name, 0) + value
+        local.skipped += stream.skipped()
+        return local
+
+    def _reduce(self, local: _LocalStep, grad_norm: Tensor, stop: bool) -> _StepStats:
+        """One all-reduce carries every per-step figure and decision, so ranks agree on them."""
+        accumulate, world = self.cfg.accumulate_grad_batches, self.env.world_size
+        finite = torch.isfinite(local.loss)
         if self.precision != "16":  # under fp16 the GradScaler owns overflowing gradients
             finite = finite & torch.isfinite(grad_norm)
-        names = sorted(parts_sum)
-        local = torch.stack(
+        names = sorted(local.parts)
+        counts = torch.tensor([float(local.skipped), float(stop)], device=self.env.device)
+        values = torch.stack(
             [
-                loss_sum / accumulate,
+                local.loss / accumulate,
                 (~finite).float(),
-                torch.tensor(float(skipped), device=self.env.device),
-                torch.tensor(float(stop()), device=self.env.device),
-                *[parts_sum[name] / accumulate for name in names],
+                *counts,
+                *[local.parts[name] / accumulate for name in names],
             ]
         )
-        total = all_reduce_sum(local, self.env).cpu()
-        world = self.env.world_size
-        stats = {
-            "loss": float(total[0]) / world,
-            "nonfinite": bool(total[1] > 0),
-            "skipped": int(total[2]),
-            "stop": bool(total[3] > 0),
-            "parts": {name: float(total[4 + i]) / world for i, name in enumerate(names)},
-            "grad_norm": float(grad_norm),
-            "samples": samples * world,
-            "lr": self.scheduler.get_last_lr()[0],
-        }
-        if stats["nonfinite"]:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._handle_nonfinite(keys, stats)
-            self.scaler.update()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        with warnings.catch_warnings():
-            # A skipped update (non-finite, or GradScaler overflow) still advances the schedule.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            self.scheduler.step()
-        self.step += 1
-        self.data_position = stream.position
-        self.data_skipped += stats["skipped"]
-        return stats
+        total = all_reduce_sum(values, self.env).cpu()
+        return _StepStats(
+            loss=float(total[0]) / world,
+            nonfinite=bool(total[1] > 0),
+            skipped=int(total[2]),
+            stop=bool(total[3] > 0),
+            parts={name: float(total[4 + i]) / world for i, name in enumerate(names)},
+            grad_norm=float(grad_norm),
+            samples=local.samples * world,
+            lr=self.scheduler.get_last_lr()[0],
+        )
 
     def _clip_gradients(self) -> Tensor:
         """Total gradient norm (before clipping, when `gradient_clip_val` is set)."""
@@ -446,11 +472,11 @@ class Trainer:
             raise RuntimeError(message)
         log.warning("%s (fine in one process, an error under DDP)", message)
 
-    def _handle_nonfinite(self, keys: list[Any], stats: dict[str, Any]) -> None:
+    def _handle_nonfinite(self, keys: list[Any], stats: _StepStats) -> None:
         step = self.step + 1
         where = [k for rank_keys in all_gather_objects(keys, self.env) for k in rank_keys]
         batch_text = ", ".join(map(str, where[:20])) if where else "(batches carry no __key__)"
-        detail = f"loss {stats['loss']}, grad norm {stats['grad_norm']}; batch keys: {batch_text}"
+        detail = f"loss {stats.loss}, grad norm {stats.grad_norm}; batch keys: {batch_text}"
         if self.cfg.nan_policy == "skip" and self.nan_skipped < self.cfg.max_nan_skips:
             self.nan_skipped += 1
             if self.env.is_main:
@@ -472,20 +498,19 @@ class Trainer:
             f"step {step}: non-finite loss or gradient ({why}): {detail}{kept}"
         )
 
-    def _after_step(self, stats: dict[str, Any], timer: _RateMeter, bar: Any) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.2e}", refresh=False)
+    def _after_step(self, stats: _StepStats, timer: _RateMeter, bar: tqdm) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4g}", lr=f"{stats.lr:.2e}", refresh=False)
         if self.step % self.cfg.log_every_n_steps and self.step != self.cfg.max_steps:
             return
         steps_per_s = timer.rate()
         values = {
-            "train/loss": stats["loss"],
-            **{f"train/{name}": value for name, value in stats["parts"].items()},
-            "train/lr": stats["lr"],
-            "train/grad_norm": stats["grad_norm"],
+            "train/loss": stats.loss,
+            **{f"train/{name}": value for name, value in stats.parts.items()},
+            "train/lr": stats.lr,
+            "train/grad_norm": stats.grad_norm,
             "train/steps_per_s": steps_per_s,
-            "train/samples_per_s": steps_per_s * stats["samples"],
+            "train/samples_per_s": steps_per_s * stats.samples,
             "train/nan_skipped": float(self.nan_skipped),
             "data/skipped": float(self.data_skipped),
         }
@@ -577,10 +602,10 @@ class Trainer:
             self.env.world_size if self.cfg.scale_lr_with_world_size else 1,
         )
 
-    def _progress_bar(self) -> Any:
-        if not (self.cfg.progress_bar and self.env.is_main):
-            return None
+    def _progress_bar(self) -> tqdm:
+        """Steps with loss, rate and ETA (rank 0; a disabled bar elsewhere)."""
         return tqdm(
+            disable=not (self.cfg.progress_bar and self.env.is_main),
             total=self.cfg.max_steps,
             initial=self.step,
             desc="train",
@@ -613,6 +638,13 @@ class _RateMeter:
         rate = self.steps / self.seconds if self.seconds > 0 else 0.0
         self.seconds, self.steps = 0.0, 0
         return rate
+
+
+def _stop_reason(watch: PreemptionWatch, deadline: float | None) -> str:
+    """Why this rank stops early (the all-reduced stop flag was set by some rank)."""
+    if watch.requested:
+        return f"signal {watch.received}"
+    return "max_time" if _past(deadline) else "stop requested by another rank"
 
 
 def _past(deadline: float | None) -> bool:
