@@ -1,13 +1,12 @@
 """Losses against hand computations, scale invariance, masking, and the DDP-gathered InfoNCE."""
 
 import math
-import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from post3r_slots import feature_reconstruction_loss, pointmap_loss, slot_contrastive_loss
@@ -164,11 +163,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _gathered_worker(rank: int, port: int, slots: torch.Tensor, folder: str) -> None:
+_GATHER_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from post3r_slots import slot_contrastive_loss
+
+
+def worker(rank, port, folder):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        slots = torch.load(os.path.join(folder, "slots.pt"))
         local = slots[rank : rank + 1].clone().requires_grad_(True)
         loss = slot_contrastive_loss(local, gather_distributed=True, symmetric=True).loss
         loss.backward()
@@ -177,11 +185,19 @@ def _gathered_worker(rank: int, port: int, slots: torch.Tensor, folder: str) -> 
         dist.destroy_process_group()
 
 
+if __name__ == "__main__":
+    # fork from this fresh process (no autograd threads yet): the ranks share its imports.
+    mp.start_processes(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, start_method="fork")
+"""
+
+
 def test_gathered_contrastive_loss_over_two_gloo_ranks_matches_one_process(tmp_path):
     slots = torch.randn(2, 3, 4, 8)
-    # fork: the workers share this process's imports (a spawn would re-import torch per rank).
-    args = (_free_port(), slots, str(tmp_path))
-    mp.start_processes(_gathered_worker, args=args, nprocs=2, start_method="fork")
+    torch.save(slots, tmp_path / "slots.pt")
+    script = tmp_path / "gather.py"
+    script.write_text(_GATHER_SCRIPT)
+    # A fresh interpreter: forking a pytest worker that already ran autograd is unsafe.
+    subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], check=True)
     (loss0, grad0), (loss1, grad1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     whole = slots.clone().requires_grad_(True)
     expected = slot_contrastive_loss(whole, symmetric=True).loss
