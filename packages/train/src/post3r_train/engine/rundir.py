@@ -23,6 +23,7 @@ import logging
 import math
 import netrc
 import os
+import traceback
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,43 @@ class RunDir:
     def failure_log(self, rank: int) -> Path:
         return self.logs / f"failure-rank{rank}.txt"
 
-    def save_config(self, text: str) -> None:
-        atomic_write_text(self.config_path, text)
+    def save_config(self, config: Any) -> None:
+        """config.yaml from a resolved config: an OmegaConf node, a dict or YAML text."""
+        atomic_write_text(self.config_path, config_yaml(config))
+
+    def record_failure(self, rank: int, step: int | None) -> None:
+        """Append the exception being handled to this rank's failure log, so a run directory
+        left without a checkpoint still says why (one file per rank: no rank waits)."""
+        path = self.failure_log(rank)
+        when = datetime.datetime.now().isoformat(timespec="seconds")
+        where = "before its first step" if step is None else f"after step {step}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as file:
+                file.write(f"=== {when} rank {rank} failed {where}\n{traceback.format_exc()}\n")
+        except OSError:  # e.g. the disk is full: the exception itself still propagates
+            return
+        log.error("rank %d failed %s; traceback in %s", rank, where, path)
+
+
+def config_yaml(config: Any) -> str:
+    """YAML text of a config given as an OmegaConf node, a dict or YAML text."""
+    if isinstance(config, str):
+        return config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(config if OmegaConf.is_config(config) else OmegaConf.create(config))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config as a plain dict (for W&B); {} for none or YAML text."""
+    if config is None or isinstance(config, str):
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    return dict(config)
 
 
 def run_dir_of_checkpoint(checkpoint: Path) -> RunDir | None:
@@ -186,6 +222,24 @@ class RunLogger:
             purge = None if resume_step is None else resume_step + 1
             self.tensorboard = SummaryWriter(str(run.tensorboard_dir), purge_step=purge)
         self.wandb = start_wandb(run, wandb, config or {}) if wandb is not None else None
+
+    @classmethod
+    def start(
+        cls,
+        run: RunDir,
+        config: Any = None,
+        resume_step: int | None = None,
+        *,
+        tensorboard: bool = True,
+        wandb: WandbSettings | None = None,
+    ) -> RunLogger:
+        """Rank 0's start of a run: its folders, config.yaml (when given) and loggers, whose
+        records after `resume_step` (a resumed run) are dropped."""
+        run.make_folders()
+        if config is not None:
+            run.save_config(config)
+        settings = config_dict(config)
+        return cls(run, resume_step, tensorboard=tensorboard, wandb=wandb, config=settings)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.csv.write(step, values)

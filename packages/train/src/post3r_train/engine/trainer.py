@@ -14,7 +14,6 @@ import functools
 import logging
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,50 +145,19 @@ def fit(
     try:
         run, payload = _open_run(env, log_dir, experiment, resume)
         if run is not None and env.is_main:
-            logger = _start_logging(run, config, payload, tensorboard, wandb)
+            resume_step = None if payload is None else int(payload["step"])
+            logger = RunLogger.start(run, config, resume_step, tensorboard=tensorboard, wandb=wandb)
         engine = Trainer(module, trainer, optim, env=env, run=run, logger=logger, seed=seed)
         return engine.fit(train_loader, val_loader, payload)
     except BaseException:
         if run is not None:
-            _record_failure(run, env.rank, None if engine is None else engine.step)
+            run.record_failure(env.rank, None if engine is None else engine.step)
         raise
     finally:
         if logger is not None:
             logger.close()
         if own_env:
             shutdown_distributed(env)
-
-
-def _start_logging(
-    run: RunDir,
-    config: Any,
-    payload: Mapping[str, Any] | None,
-    tensorboard: bool,
-    wandb: WandbSettings | None,
-) -> RunLogger:
-    """Rank 0: the run's folders, config.yaml and loggers (truncated to a resumed step)."""
-    run.make_folders()
-    if config is not None:
-        run.save_config(_config_yaml(config))
-    resume_step = None if payload is None else int(payload["step"])
-    return RunLogger(
-        run, resume_step, tensorboard=tensorboard, wandb=wandb, config=_config_dict(config)
-    )
-
-
-def _record_failure(run: RunDir, rank: int, step: int | None) -> None:
-    """Append the exception being raised to this rank's failure log, so a run directory left
-    without a checkpoint still says why (each rank has its own file, no rank waits)."""
-    path = run.failure_log(rank)
-    when = datetime.datetime.now().isoformat(timespec="seconds")
-    where = "before its first step" if step is None else f"after step {step}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as file:
-            file.write(f"=== {when} rank {rank} failed {where}\n{traceback.format_exc()}\n")
-    except OSError:  # e.g. the disk is full: the exception itself still propagates
-        return
-    log.error("rank %d failed %s; traceback in %s", rank, where, path)
 
 
 class _TrainingStep(nn.Module):
@@ -667,24 +635,6 @@ def _open_run(
         root = RunDir.create(Path(log_dir), experiment).root if env.is_main else None
         run = RunDir(Path(broadcast_object(root, env)))
     return run, payload
-
-
-def _config_yaml(config: Any) -> str:
-    if isinstance(config, str):
-        return config
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(config if OmegaConf.is_config(config) else OmegaConf.create(config))
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if config is None or isinstance(config, str):
-        return {}
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(config):
-        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
-    return dict(config)
 
 
 def _check_loss(loss: Any, module: nn.Module) -> None:
