@@ -174,6 +174,10 @@ def test_publish_prune_and_find(tmp_path: Path) -> None:
     for step in (2, 4, 6):
         save_checkpoint(run.checkpoints / f"step={step:06d}.ckpt", {"step": step})
     publish_as(run.checkpoints / "step=000006.ckpt", run.checkpoints / "last.ckpt")
+    prune_checkpoints(run.checkpoints, keep=-1)
+    assert [s for s, _ in step_checkpoints(run.checkpoints)] == [2, 4, 6]
+    prune_checkpoints(run.checkpoints, keep=2)
+    assert [s for s, _ in step_checkpoints(run.checkpoints)] == [4, 6]
     prune_checkpoints(run.checkpoints, keep=1)
     assert [s for s, _ in step_checkpoints(run.checkpoints)] == [6]
     assert find_checkpoint(run.root) == run.checkpoints / "last.ckpt"

@@ -145,10 +145,10 @@ def step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints (-1 keeps all)."""
+    """Delete all but the newest `keep` (>= 1) step checkpoints; -1 keeps them all."""
     if keep < 0:
         return
-    for _, path in step_checkpoints(directory)[:-keep] if keep else step_checkpoints(directory):
+    for _, path in step_checkpoints(directory)[:-keep]:
         path.unlink(missing_ok=True)
 
 
