@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import random
+import signal
 import sys
 import types
 from pathlib import Path
@@ -268,9 +270,6 @@ def test_wandb_goes_offline_without_an_api_key_and_never_stops_training(
 
 
 def test_preemption_watch_records_sigusr1_and_restores_the_handler() -> None:
-    import os
-    import signal
-
     from post3r_train.engine.signals import PreemptionWatch
 
     before = signal.getsignal(signal.SIGUSR1)
@@ -298,3 +297,19 @@ def test_ranks_come_from_torchrun_or_a_multi_task_srun_step(monkeypatch) -> None
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_world() == (3, 3, 4)
+
+
+def test_srun_without_master_addr_and_gpu_without_device_are_clear_errors(monkeypatch) -> None:
+    from post3r_train.engine import init_distributed
+    from post3r_train.engine.distributed import select_device
+
+    slurm_step = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    slurm_step.update(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1")
+    slurm_step.pop("MASTER_ADDR", None)
+    monkeypatch.setattr(os, "environ", slurm_step)  # a copy: nothing leaks into other tests
+    with pytest.raises(RuntimeError, match=r"MASTER_ADDR is not set: under srun export it"):
+        init_distributed("cpu")
+    assert "RANK" not in slurm_step  # refused before touching the environment
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu but no CUDA/ROCm"):
+            select_device("gpu", 0)

@@ -97,15 +97,15 @@ def init_distributed(accelerator: str = "auto", timeout_s: int = 1800) -> DistEn
 
 def _fill_slurm_rendezvous(rank: int, local_rank: int, world_size: int) -> None:
     """Under plain `srun` (no torchrun) torch's env:// init still needs these variables."""
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(world_size))
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError(
             "MASTER_ADDR is not set: under srun export it to the first node of the job, e.g. "
             "`export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)` "
             "and MASTER_PORT (see scripts/slurm/ and docs/distributed.md)"
         )
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
