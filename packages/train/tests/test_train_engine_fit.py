@@ -114,6 +114,25 @@ def test_nan_skip_counts_and_goes_on(tmp_path: Path) -> None:
     assert np.isfinite(result.val_metrics["val/mse"])
 
 
+class NaNGradientAtCall2(toy.ToyModule):
+    """A finite loss whose gradient is NaN on the second step (sqrt'(0) * 0)."""
+
+    def training_step(self, batch: dict):
+        loss, parts = super().training_step(batch)
+        if self.calls == 2:
+            loss = loss + (self.head[0].weight[0, 0] * 0).abs().sqrt()
+        return loss, parts
+
+
+def test_a_nan_gradient_behind_a_finite_loss_is_skipped_too(tmp_path: Path) -> None:
+    result = run(tmp_path, make=NaNGradientAtCall2, nan_policy="skip", val_size=0)
+    assert result.step == 6 and result.nan_skipped == 1
+    losses = dict(column(result, "train/loss"))
+    assert np.isfinite(float(losses[2]))  # the loss was fine: the gradient gave it away
+    assert dict(column(result, "train/nan_skipped"))[2] == "1.0"
+    assert dict(column(result, "train/grad_norm"))[2] == "nan"
+
+
 def test_nan_stop_names_step_and_keys_and_keeps_the_good_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError) as caught:
         run(tmp_path, train=toy.train_stream(0, 1, 4, nan_batches=frozenset({4})))
