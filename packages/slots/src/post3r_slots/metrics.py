@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
 from post3r_slots._checks import check_shape
+from post3r_slots._optional import require
 
 OVERLAP_ID = -1
 """Id of pixels that belong to more than one ground-truth instance."""
@@ -239,6 +239,7 @@ def mean_best_overlap(
 
 def _hungarian(iou: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """IoU of each present object under the one-to-one assignment maximising total IoU."""
+    linear_sum_assignment = require("scipy.optimize", "Hungarian matching").linear_sum_assignment
     best = torch.zeros(iou.shape[:2], dtype=iou.dtype)
     for sample, (matrix, rows) in enumerate(zip(iou.cpu(), present.cpu(), strict=True)):
         objects = rows.nonzero().squeeze(1)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from post3r_kernels import rope2d
 from post3r_slots._checks import check_shape
+from post3r_slots._optional import require
 
 
 class RecurrentSlotOutput(NamedTuple):
@@ -68,6 +68,7 @@ class RopeDecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, rope_base: float) -> None:
         super().__init__()
         self.num_heads, self.rope_base = num_heads, rope_base
+        self.rope2d = require("post3r_kernels", "RecurrentSlotDecoder (2D RoPE)").rope2d
         self.scale = (dim // num_heads) ** -0.5
         self.norm_self = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim)
@@ -90,13 +91,13 @@ class RopeDecoderBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         heads = self.num_heads
         q, k, v = (_split_heads(t, heads) for t in self.to_qkv(self.norm_self(slots)).chunk(3, -1))
-        q, k = (rope2d(t, slot_positions, self.rope_base) for t in (q, k))
+        q, k = (self.rope2d(t, slot_positions, self.rope_base) for t in (q, k))
         slots = slots + self.out_self(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
         q = _split_heads(self.to_q(self.norm_cross(slots)), heads)
-        q = rope2d(q, slot_positions, self.rope_base)
+        q = self.rope2d(q, slot_positions, self.rope_base)
         k, v = (_split_heads(t, heads) for t in self.to_kv(self.norm_memory(memory)).chunk(2, -1))
-        k = rope2d(k, memory_positions, self.rope_base)
+        k = self.rope2d(k, memory_positions, self.rope_base)
         logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, K, N)
         attended = torch.softmax(logits, dim=-1) @ v  # softmax over patches
         slots = slots + self.out_cross(_merge_heads(attended))
