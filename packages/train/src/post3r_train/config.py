@@ -24,6 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
 ENCODERS = ("patch", "dinov2", "ttt3r")
 TEACHERS = ("dataset", "ttt3r", "none")
 FEATURE_TARGETS = ("encoder", "rgb")
+POSITION_EMBEDDINGS = ("learned", "fourier")
 INITIALIZERS = ("fixed", "gaussian")
 PREDICTORS = ("transformer", "none")
 
@@ -52,7 +53,7 @@ class EncoderConfig:
     image_size: int | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # patch
-    patch_size: int = 4
+    patch_size: int = 8
     hidden_dim: int = 64
 
 
@@ -91,10 +92,16 @@ class FeatureDecoderConfig:
 
     `target`: `encoder` reconstructs the (frozen) encoder's features; `rgb` reconstructs the
     frame's pixels of each patch, a fixed target for a trainable encoder.
+    `position_embedding`: `learned` (one free vector per patch, DINOSAUR/SlotContrast) or
+    `fourier` (fixed sines and cosines of the patch's (y, x), up to `fourier_max_frequency`
+    periods across the frame): a smooth embedding that makes each slot's alpha a smooth blob,
+    as a spatial-broadcast decoder's, which speeds up object discovery from pixels.
     """
 
     target: str = "encoder"
     hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    position_embedding: str = "learned"
+    fourier_max_frequency: float = 4.0
 
 
 @dataclass
@@ -310,6 +317,11 @@ def validate(cfg: DictConfig) -> None:
     _one_of(m.teacher.name, TEACHERS, "model.teacher.name")
     _one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
     _one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
+    _one_of(
+        m.feature_decoder.position_embedding,
+        POSITION_EMBEDDINGS,
+        "model.feature_decoder.position_embedding",
+    )
     _one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
     for key in ("num_slots", "slot_dim", "num_iterations", "learning_rate"):
         _positive(m[key], f"model.{key}")

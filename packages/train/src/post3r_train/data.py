@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
             num_val_videos=s.num_val_videos,
             videos_per_shard=s.videos_per_shard,
             config=scene,
+            workers=min(4, len(os.sched_getaffinity(0))),
             progress=progress,
         )
     if result.rendered_videos:

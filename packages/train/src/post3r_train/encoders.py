@@ -34,23 +34,15 @@ def _check_frames(frames: Tensor) -> None:
 
 
 class PatchEncoder(nn.Module):
-    """A small trainable CNN: a 5x5 conv on the frame plus (y, x) coordinates at full resolution,
-    a strided conv to `patch_size` patches, a 3x3 conv, then LayerNorm.
+    """A small trainable encoder: each patch's pixels (shifted to [-1, 1]) and its (y, x) centre
+    in [-1, 1], mapped linearly to `hidden_dim` (a strided convolution). The coordinates let slot
+    attention group by position as well as appearance; the model's input MLP adds the
+    non-linearity."""
 
-    Coordinates are concatenated to the input so tokens know where they are (slot attention
-    groups by appearance and position). Input frames in [0, 1] are shifted to [-1, 1].
-    """
-
-    def __init__(self, patch_size: int = 4, hidden_dim: int = 64) -> None:
+    def __init__(self, patch_size: int = 8, hidden_dim: int = 64) -> None:
         super().__init__()
         self.patch_size, self.dim = patch_size, hidden_dim
-        self.net = nn.Sequential(
-            nn.Conv2d(5, hidden_dim, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv2d(hidden_dim, hidden_dim, patch_size, stride=patch_size),
-            nn.ReLU(),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1),
-        )
+        self.embed = nn.Conv2d(5, hidden_dim, patch_size, stride=patch_size)
 
     def forward(self, frames: Tensor) -> EncoderOutput:
         _check_frames(frames)
@@ -60,11 +52,11 @@ class PatchEncoder(nn.Module):
                 f"frame size {height}x{width} is not divisible by "
                 f"model.encoder.patch_size={self.patch_size}"
             )
-        x = frames.flatten(0, 1) * 2 - 1
-        ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
+        x = frames.flatten(0, 1).float() * 2 - 1
+        ys = torch.linspace(-1, 1, height, device=x.device)
+        xs = torch.linspace(-1, 1, width, device=x.device)
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(len(x), -1, -1, -1)
-        tokens = self.net(torch.cat((x, coords), dim=1))  # (BT, D, h, w)
+        tokens = self.embed(torch.cat((x, coords), dim=1))  # (BT, D, h, w)
         grid = (tokens.shape[-2], tokens.shape[-1])
         tokens = tokens.flatten(2).transpose(1, 2).unflatten(0, (batch, time))
         return EncoderOutput(tokens, grid)

@@ -75,6 +75,7 @@ class POST3RModel(TrainModule):
         self.image_size = input_size(cfg)
         self.num_slots = m.num_slots
         self.visualize_enabled = bool(m.visualize)
+        self.visualize_every = m.visualize_every_n_steps
         self.feature_target = m.feature_decoder.target
         self.teacher = _build_teacher(m)
         self.encoder, feature_dim, self.grid = _build_encoder(m, self.teacher, self.image_size)
@@ -104,6 +105,13 @@ class POST3RModel(TrainModule):
             self.feature_decoder = MLPDecoder(
                 slot_dim, target_dim, num_patches, tuple(m.feature_decoder.hidden_dims)
             )
+            if m.feature_decoder.position_embedding == "fourier":
+                embedding = fourier_positions(
+                    self.grid, slot_dim, m.feature_decoder.fourier_max_frequency
+                )
+                with torch.no_grad():
+                    self.feature_decoder.pos_embed.copy_(embedding)
+                self.feature_decoder.pos_embed.requires_grad_(False)  # fixed, rebuilt from config
         self.pointmap_decoder = None
         if self.teacher is not None and self.loss_cfg.pointmap_weight > 0:
             pm = m.pointmap_decoder
@@ -314,11 +322,38 @@ class POST3RModel(TrainModule):
         return MetricCollection(metrics)
 
     def visualize(self, batch: dict, outputs: dict, directory: Path) -> None:
+        """Mask overlays (PNG, GIF) and per-slot point clouds (PLY); with
+        `model.visualize_every_n_steps=N` only in the engine's `step=NNNNNN` folders of
+        multiples of N."""
         if not self.visualize_enabled:
+            return
+        step = _step_of(Path(directory))
+        if self.visualize_every and step is not None and step % self.visualize_every:
             return
         from post3r_train.visualize import write_validation_visuals
 
         write_validation_visuals(batch, outputs, Path(directory))
+
+
+def fourier_positions(grid: tuple[int, int], dim: int, max_frequency: float) -> Tensor:
+    """(h·w, dim) fixed embedding of each patch's (y, x) in [-1, 1]: sin and cos at dim/4
+    frequencies from 0.5 to `max_frequency` periods across the frame, per axis; scaled so a
+    vector has unit norm on average (as the learned embedding's initialisation)."""
+    if dim % 4:
+        raise ValueError(f"a fourier position embedding needs model.slot_dim % 4 == 0, got {dim}")
+    ys, xs = (torch.linspace(-1, 1, n) for n in grid)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    frequencies = torch.linspace(0.5, max_frequency, dim // 4) * torch.pi
+    parts = []
+    for axis in (yy.flatten(), xx.flatten()):
+        angles = axis[:, None] * frequencies
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1) * (2 / dim) ** 0.5
+
+
+def _step_of(directory: Path) -> int | None:
+    name, _, number = directory.name.partition("=")
+    return int(number) if name == "step" and number.isdigit() else None
 
 
 def _check_batch(batch: dict, size: tuple[int, int]) -> Tensor:
