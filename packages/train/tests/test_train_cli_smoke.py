@@ -140,16 +140,19 @@ def test_overrides_reach_the_saved_config(tmp_path):
     assert load_config(run_dir / "config.yaml").model.num_slots == 3
 
 
-def test_a_config_typo_is_rejected_with_a_suggestion():
-    code, _, err = run_cli(["smoke", "model.num_slot=3"])
+def test_a_config_typo_is_rejected_with_a_suggestion(tmp_path):
+    code, _, err = run_cli(["smoke", "model.num_slot=3", "--log-dir", str(tmp_path)])
     assert code == 2
     assert "did you mean model.num_slots" in err
+
+
+YTVIS_SMOKE = ["smoke", "dataset.name=ytvis", "dataset.image_size=32"]
 
 
 def test_missing_data_directory_is_a_clear_error(tmp_path):
     missing = tmp_path / "nowhere"
     code, _, err = run_cli(
-        ["smoke", "dataset.name=ytvis", "dataset.image_size=32", "--data-dir", str(missing)]
+        [*YTVIS_SMOKE, "--data-dir", str(missing), "--log-dir", str(tmp_path / "runs")]
     )
     assert code == 1
     assert str(missing) in err and "does not exist" in err
@@ -157,7 +160,7 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
 
 def test_empty_data_directory_names_the_command_that_fills_it(tmp_path):
     code, _, err = run_cli(
-        ["smoke", "dataset.name=ytvis", "dataset.image_size=32", "--data-dir", str(tmp_path)]
+        [*YTVIS_SMOKE, "--data-dir", str(tmp_path), "--log-dir", str(tmp_path / "runs")]
     )
     assert code == 1
     assert "no ytvis-train" in err and "prepare-ytvis" in err
@@ -167,14 +170,16 @@ def test_corrupt_shards_are_a_clear_error(tmp_path):
     for split in ("train", "validation"):
         (tmp_path / f"ytvis-{split}-000000.tar").write_bytes(b"not a tar file" * 10)
     code, _, err = run_cli(
-        ["smoke", "dataset.name=ytvis", "dataset.image_size=32", "--data-dir", str(tmp_path)]
+        [*YTVIS_SMOKE, "--data-dir", str(tmp_path), "--log-dir", str(tmp_path / "runs")]
     )
     assert code == 1
     assert "ytvis-train-000000.tar" in err
 
 
 def test_continue_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    code, _, err = run_cli(["smoke", "--continue", str(tmp_path / "missing.ckpt")])
+    code, _, err = run_cli(
+        ["smoke", "--continue", str(tmp_path / "missing.ckpt"), "--log-dir", str(tmp_path)]
+    )
     assert code == 1
     assert "missing.ckpt" in err
 

@@ -33,7 +33,6 @@ def test_original_keys_override_nested_values():
             "model.decoder_resolution=[32,32]",
             "dataset.batch_size=3",
             "dataset.chunk_size=5",
-            "dataset.train_resampling=false",
             "trainer.max_steps=17",
             "trainer.precision=bf16",
             "trainer.devices=4",
@@ -43,7 +42,10 @@ def test_original_keys_override_nested_values():
     assert (cfg.model.num_slots, cfg.model.slot_dim, cfg.model.num_iterations) == (9, 48, 3)
     assert list(cfg.model.decoder_resolution) == [32, 32]
     assert (cfg.dataset.batch_size, cfg.dataset.chunk_size) == (3, 5)
-    assert cfg.dataset.train_resampling is False
+    assert cfg.dataset.train_resampling is True
+    # The key is kept for users of the original, but the stream always resamples.
+    with pytest.raises(ConfigError, match="train_resampling=false is not supported"):
+        load_config("smoke", ["dataset.train_resampling=false"])
     assert trainer_config(cfg).max_steps == 17
     assert trainer_config(cfg).precision_mode == "bf16"
     assert cfg.trainer.devices == 4

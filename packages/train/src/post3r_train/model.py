@@ -319,7 +319,9 @@ class POST3RModel(TrainModule):
         if self.pointmap_decoder is not None:
             metrics["object_point_error"] = MeanMetric()
             metrics["point_error"] = MeanMetric()
-        return MetricCollection(metrics)
+        # Each decoder has its own instances of the same metric classes: compute groups would
+        # fuse instances whose states happen to match after a batch and report one for both.
+        return MetricCollection(metrics, compute_groups=False)
 
     def visualize(self, batch: dict, outputs: dict, directory: Path) -> None:
         """Mask overlays (PNG, GIF) and per-slot point clouds (PLY); with
