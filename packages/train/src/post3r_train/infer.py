@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -106,8 +107,8 @@ def save_video(path: Path, frames: np.ndarray, fps: float) -> Path:
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
-    def write(tmp: str) -> None:
-        with av.open(tmp, mode="w", format="mp4") as container:
+    def write(file: IO[bytes]) -> None:
+        with av.open(file, mode="w", format="mp4") as container:
             stream = container.add_stream(codec, rate=max(1, round(fps)))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for image in frames[:, :height, :width]:
@@ -132,16 +133,11 @@ def write_outputs(frames: torch.Tensor, result: dict, output: Path, fps: float) 
         binary = np.repeat((ids == k)[..., None] * np.uint8(255), 3, axis=-1)
         paths.append(save_video(output / "objects" / f"slot{k}.mp4", _upscale(binary), fps))
     paths.append(save_gif(output / "overlay.gif", list(_upscale(overlay(frames, masks))), fps))
-    paths.append(_atomic(output / "masks.npy", lambda tmp: _save_npy(tmp, ids)))
+    paths.append(_atomic(output / "masks.npy", lambda file: np.save(file, ids)))
     if "slot_pointmaps" in result:
         clouds = slot_clouds(frames, result["slot_pointmaps"], result["pointmap_masks"])
         paths += write_point_clouds(output / "points", "video", clouds)
     return paths
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append .npy to the temp name
-        np.save(handle, array)
 
 
 def build_parser() -> argparse.ArgumentParser:

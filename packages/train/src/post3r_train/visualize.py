@@ -6,10 +6,9 @@ All writers are atomic (temporary file in the target folder, then rename).
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from post3r_slots import slot_point_clouds
+from post3r_train.engine.checkpoint import atomic_write
 
 
 def palette(num_colors: int) -> np.ndarray:
@@ -50,16 +50,9 @@ def _to_uint8(frames: Tensor) -> np.ndarray:
     )
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
     return path
 
 
@@ -69,16 +62,16 @@ def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
 
 
 def save_png(path: Path, image: np.ndarray) -> Path:
-    return _atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    return _atomic(path, lambda file: Image.fromarray(image).save(file, format="PNG"))
 
 
 def save_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path:
     images = [Image.fromarray(frame) for frame in frames]
     duration = int(1000 / fps)
 
-    def write(tmp: str) -> None:
+    def write(file: IO[bytes]) -> None:
         images[0].save(
-            tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
+            file, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
         )
 
     return _atomic(path, write)
@@ -114,10 +107,9 @@ def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarra
         "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
     )
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(header.encode("ascii"))
-            handle.write(vertex.tobytes())
+    def write(file: IO[bytes]) -> None:
+        file.write(header.encode("ascii"))
+        file.write(vertex.tobytes())
 
     return _atomic(path, write)
 
