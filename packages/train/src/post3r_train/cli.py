@@ -163,14 +163,9 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
         wandb=wandb,
         tensorboard=not args.no_tensorboard,
     )
-    if engine.is_worker() and not _is_rank_zero():
-        return 0
-    print(summary(result, time.monotonic() - started))
+    if result.rank == 0:  # the process group is already shut down here: ask the result
+        print(summary(result, time.monotonic() - started))
     return 0
-
-
-def _is_rank_zero() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def dry_run(model: torch.nn.Module, batches, cfg: DictConfig) -> int:
