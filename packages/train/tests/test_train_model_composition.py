@@ -228,3 +228,74 @@ def test_object_point_error_is_zero_for_a_scaled_perfect_prediction():
     wrong = dict(out, slot_pointmaps=slot_points.flip(2))  # each object gets another slot's points
     wrong["slot_pointmaps"] = torch.where(masks[..., None].bool(), 0.0, 2.5 * truth[:, :, None])
     assert (object_point_errors(wrong, batch).object_error > 0.5).all()
+
+
+def _posed_batch(b=1, t=3, size=32):
+    """Camera-frame points (depth 4..6) seen from cameras that turn and move."""
+    g = torch.Generator().manual_seed(3)
+    camera_points = torch.randn(b, t, size, size, 3, generator=g) * 0.3
+    camera_points[..., 2] += 5.0
+    poses = torch.eye(4).repeat(b, t, 1, 1)
+    for i in range(t):
+        angle = torch.tensor(0.2 * i)
+        poses[:, i, 0, 0], poses[:, i, 0, 2] = angle.cos(), angle.sin()
+        poses[:, i, 2, 0], poses[:, i, 2, 2] = -angle.sin(), angle.cos()
+        poses[:, i, :3, 3] = torch.tensor([0.5 * i, 0.1, -0.2 * i])
+    world = torch.einsum("btij,bthwj->bthwi", poses[..., :3, :3], camera_points)
+    world = world + poses[:, :, None, None, :3, 3]
+    batch = make_batch(b=b, t=t, size=size)
+    batch.update(pointmap=world, camera_to_world=poses)
+    return batch, camera_points
+
+
+def test_camera_frame_decoder_sees_each_frames_own_camera_and_returns_world_points(monkeypatch):
+    from post3r_slots import PointmapDecoderOutput
+
+    model = build(
+        "model.pointmap_decoder.frame=camera",
+        "model.pointmap_decoder.pose_conditioned=false",
+        "model.decoder_resolution=[32,32]",
+        "model.pointmap_decoder.num_upsamples=1",
+    )
+    batch, camera_points = _posed_batch()
+    out = model(batch)
+    torch.testing.assert_close(out["pointmap_target"], camera_points, atol=1e-4, rtol=0)
+    # A decoder that predicts the camera-frame truth (at half its scale) must come out, after
+    # the poses, as the truth in the first camera's frame.
+    k = model.num_slots
+
+    def perfect(slots, pose=None):
+        b, t = slots.shape[:2]
+        points = 0.5 * out["pointmap_target"]
+        masks = torch.full((b, t, k, 32, 32), 1.0 / k)
+        return PointmapDecoderOutput(
+            points, masks, points[:, :, None].expand(-1, -1, k, -1, -1, -1), masks
+        )
+
+    monkeypatch.setattr(model.pointmap_decoder, "forward", perfect)
+    out = model(batch)
+    first = torch.linalg.inv(batch["camera_to_world"][:, 0])
+    truth = torch.einsum("bij,bthwj->bthwi", first[:, :3, :3], batch["pointmap"])
+    truth = truth + first[:, None, None, None, :3, 3]
+    torch.testing.assert_close(out["pointmap"], truth, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["slot_pointmaps"][:, :, 0], truth, atol=1e-3, rtol=0)
+    _loss, parts = model.losses(out)
+    assert parts["pointmap"] < 1e-4  # scale-invariant: half the scale is still perfect
+
+
+def test_fourier_positions_are_fixed_and_not_checkpointed():
+    from post3r_train.model import fourier_positions
+
+    model = build("model.feature_decoder.position_embedding=fourier")
+    embed = model.feature_decoder.pos_embed
+    assert not embed.requires_grad
+    assert "feature_decoder.pos_embed" not in model.trainable_state_dict()
+    expected = fourier_positions(model.grid, model.feature_decoder.slot_dim, 4.0)
+    torch.testing.assert_close(embed.detach(), expected)
+    assert expected.norm(dim=1).mean() == pytest.approx(1.0, rel=1e-5)
+    # Sines and cosines: the similarity of two patches depends only on their offset.
+    grid = expected.view(*model.grid, -1)
+    torch.testing.assert_close(grid[0, 0] @ grid[1, 2], grid[3, 2] @ grid[4, 4])
+    loss, _ = model.training_step(make_batch())
+    loss.backward()
+    assert grads_missing(model) == []

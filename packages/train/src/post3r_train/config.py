@@ -25,6 +25,7 @@ ENCODERS = ("patch", "dinov2", "ttt3r")
 TEACHERS = ("dataset", "ttt3r", "none")
 FEATURE_TARGETS = ("encoder", "rgb")
 POSITION_EMBEDDINGS = ("learned", "fourier")
+POINTMAP_FRAMES = ("world", "camera")
 INITIALIZERS = ("fixed", "gaussian")
 PREDICTORS = ("transformer", "none")
 
@@ -106,8 +107,15 @@ class FeatureDecoderConfig:
 
 @dataclass
 class PointmapDecoderConfig:
-    """Per-slot pointmap decoder (XYZ + alpha at `model.decoder_resolution`), pose-conditioned."""
+    """Per-slot pointmap decoder (XYZ + alpha at `model.decoder_resolution`).
 
+    `frame`: `world` predicts points in the clip's first-camera frame, conditioned on the camera
+    pose when `pose_conditioned` (the reference); `camera` predicts each frame's points in its
+    own camera, and the teacher's poses carry them into the first-camera frame (no pose input
+    needed; also works on clips of one frame).
+    """
+
+    frame: str = "world"
     pose_conditioned: bool = True
     token_dim: int = 256
     num_upsamples: int = 4
@@ -317,6 +325,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(m.teacher.name, TEACHERS, "model.teacher.name")
     _one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
     _one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
+    _one_of(m.pointmap_decoder.frame, POINTMAP_FRAMES, "model.pointmap_decoder.frame")
     _one_of(
         m.feature_decoder.position_embedding,
         POSITION_EMBEDDINGS,
@@ -338,6 +347,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "dataset.chunk_size must be >= 2 with a predictor (it learns from frame t to t+1; "
             "with one frame it would get no gradient), or set model.slots.predictor=none"
+        )
+    if d.chunk_size < 2 and cfg.loss.contrastive_weight > 0:
+        raise ConfigError(
+            "loss.contrastive_weight > 0 compares slots of consecutive frames: set "
+            "dataset.chunk_size >= 2, or loss.contrastive_weight=0"
         )
     if d.num_workers < 0:
         raise ConfigError(f"dataset.num_workers must be >= 0, got {d.num_workers}")

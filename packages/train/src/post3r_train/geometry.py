@@ -23,6 +23,14 @@ def transform_points(points: Tensor, transform: Tensor) -> Tensor:
     return moved + translation[:, None, None, None, :]
 
 
+def transform_frames(points: Tensor, transform: Tensor) -> Tensor:
+    """Apply per-frame (B, T, 4, 4) transforms to points (B, T, ..., 3)."""
+    rotation, translation = transform[..., :3, :3], transform[..., :3, 3]
+    flat = points.flatten(2, -2)  # (B, T, P, 3)
+    moved = torch.einsum("btij,btpj->btpi", rotation, flat) + translation[:, :, None]
+    return moved.view(points.shape)
+
+
 def to_first_camera(teacher: TeacherOutput) -> TeacherOutput:
     """Express points and poses in the clip's first camera frame (OpenCV axes), the frame TTT3R
     predicts in: frame 0's pose becomes the identity, whichever teacher produced them."""

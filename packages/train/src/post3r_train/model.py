@@ -44,7 +44,7 @@ from post3r_slots import (
 )
 from post3r_train.encoders import DinoV2Encoder, EncoderOutput, PatchEncoder
 from post3r_train.engine import TrainModule
-from post3r_train.geometry import object_point_errors, to_first_camera
+from post3r_train.geometry import object_point_errors, to_first_camera, transform_frames
 from post3r_train.teacher import (
     DatasetTeacher,
     TeacherOutput,
@@ -113,6 +113,7 @@ class POST3RModel(TrainModule):
                     self.feature_decoder.pos_embed.copy_(embedding)
                 self.feature_decoder.pos_embed.requires_grad_(False)  # fixed, rebuilt from config
         self.pointmap_decoder = None
+        self.pointmap_frame = m.pointmap_decoder.frame
         if self.teacher is not None and self.loss_cfg.pointmap_weight > 0:
             pm = m.pointmap_decoder
             self.pointmap_decoder = PointmapDecoder(
@@ -198,25 +199,43 @@ class POST3RModel(TrainModule):
         return rgb_patches(frames, self.grid)
 
     def _decode_points(self, slots: Tensor, teacher: TeacherOutput) -> dict[str, Tensor]:
+        """Per-slot pointmaps. With `model.pointmap_decoder.frame=camera` the decoder predicts
+        each frame's points in that frame's camera (what a slot sees) and the teacher's poses
+        carry them into the clip's first-camera frame; with `world` it predicts that frame
+        directly (the reference's choice, pose-conditioned)."""
         assert self.pointmap_decoder is not None
         size = self.pointmap_decoder.resolution
-        scale = slots.new_ones(slots.shape[0])
+        poses = teacher.camera_to_world.to(slots.dtype)
         out: dict[str, Tensor] = {}
+        target = None
         if teacher.pointmap is not None:
             target = _resize_nearest(teacher.pointmap.movedim(-1, 2), size).movedim(2, -1)
+            if self.pointmap_frame == "camera":
+                target = transform_frames(target, torch.linalg.inv(poses.double()).to(poses.dtype))
             out["pointmap_target"] = target
             if teacher.confidence is not None:
                 confidence = _resize_nearest(teacher.confidence[:, :, None], size)[:, :, 0]
                 out["pointmap_confidence"] = confidence
-            scale = clip_scale(target)
+        scale = clip_scale(target) if target is not None else slots.new_ones(slots.shape[0])
         pose = None
         if self.pointmap_decoder.pose_dim is not None:
-            pose = pose_features(teacher.camera_to_world, scale).to(slots.dtype)
+            pose = pose_features(poses, scale).to(slots.dtype)
         decoded = self.pointmap_decoder(slots, pose)
+        out["pointmap_prediction"] = decoded.pointmap
+        composite, per_slot = decoded.pointmap, decoded.slot_pointmaps
+        if self.pointmap_frame == "camera":
+            # The loss is scale-invariant: bring the prediction to the target's scale (one
+            # factor per clip) before the poses' translations are added.
+            factor = torch.ones_like(scale)
+            if target is not None:
+                factor = (scale / clip_scale(composite.detach().float())).to(composite.dtype)
+            factor = factor[:, None, None, None, None]
+            composite = transform_frames(factor * composite, poses)
+            per_slot = transform_frames(factor[..., None] * per_slot, poses)
         out.update(
-            pointmap=decoded.pointmap,
+            pointmap=composite,
             pointmap_masks=decoded.masks,
-            slot_pointmaps=decoded.slot_pointmaps,
+            slot_pointmaps=per_slot,
             pointmap_scale=scale,
         )
         return out
@@ -237,7 +256,7 @@ class POST3RModel(TrainModule):
         if "pointmap_target" in out:
             confidence = out.get("pointmap_confidence") if cfg.pointmap_confidence else None
             result = pointmap_loss(
-                out["pointmap"].float(),
+                out["pointmap_prediction"].float(),
                 out["pointmap_target"].float(),
                 confidence=confidence,
                 alpha=cfg.confidence_alpha,
@@ -272,7 +291,7 @@ class POST3RModel(TrainModule):
         total, parts = self.losses(out)
         metrics["loss_total"].update(total.detach())
         for name, value in parts.items():
-            if "/" not in name:
+            if f"loss_{name}" in metrics:
                 metrics[f"loss_{name}"].update(value)
         segmentations = batch.get("segmentations")
         size = self.image_size
@@ -314,7 +333,11 @@ class POST3RModel(TrainModule):
             metrics[f"{prefix}image_ari"] = ImageARI()
             metrics[f"{prefix}mbo"] = VideoMBO()
             metrics[f"{prefix}image_mbo"] = ImageMBO()
-        for name in ("total", "feature", "pointmap", "contrastive"):
+        terms = ["total"]
+        terms += ["feature"] if self.feature_decoder is not None else []
+        terms += ["pointmap"] if self.pointmap_decoder is not None else []
+        terms += ["contrastive"] if self.loss_cfg.contrastive_weight > 0 else []
+        for name in terms:
             metrics[f"loss_{name}"] = MeanMetric()
         if self.pointmap_decoder is not None:
             metrics["object_point_error"] = MeanMetric()
