@@ -213,3 +213,45 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path
     assert (checkpoints / "step=000002.ckpt").is_file() or (checkpoints / "last.ckpt").is_file()
     payload = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in payload["model"].values())
+
+
+def test_the_default_config_builds_and_takes_a_step(tmp_path):
+    code, out, err = run_cli(
+        [
+            "--dry",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "dataset.synthetic.num_train_videos=2",
+            "dataset.synthetic.num_val_videos=1",
+            "dataset.synthetic.videos_per_shard=1",
+            "dataset.batch_size=2",
+        ]
+    )
+    assert code == 0, err
+    assert "dry run: loss" in out
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.tar")) == [
+        "synthetic-train-000000.tar",
+        "synthetic-train-000001.tar",
+        "synthetic-validation-000000.tar",
+    ]
+
+
+def test_an_interrupted_synthetic_generation_is_redone(tmp_path):
+    from post3r_train.config import load_config
+    from post3r_train.data import prepare_data
+
+    overrides = [
+        f"dataset.root={tmp_path}",
+        "dataset.synthetic.num_train_videos=2",
+        "dataset.synthetic.num_val_videos=1",
+        "dataset.synthetic.videos_per_shard=1",
+    ]
+    cfg = load_config("smoke", overrides)
+    prepare_data(cfg, progress=False)
+    shard = tmp_path / "synthetic-train-000001.tar"
+    content = shard.read_bytes()
+    shard.unlink()  # as if the process had been killed before this shard was renamed
+    info = tmp_path / "synthetic-info.json"
+    info.write_text(info.read_text().replace('"complete": true', '"complete": false'))
+    prepare_data(cfg, progress=False)
+    assert shard.read_bytes() == content
