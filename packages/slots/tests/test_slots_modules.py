@@ -52,6 +52,32 @@ def test_slot_attention_iterations_follow_first_frame_flag():
     torch.testing.assert_close(attention(slots, features, iterations=2).slots, first.slots)
 
 
+def test_implicit_gradient_keeps_values_and_backpropagates_through_the_last_iteration_only():
+    torch.manual_seed(0)
+    attention = SlotAttention(D, DS, iterations=3)
+    slots = torch.randn(2, 3, DS, requires_grad=True)
+    features = torch.randn(2, 5, D, requires_grad=True)
+    full = attention(slots, features)
+    attention.implicit_gradient = True
+    implicit = attention(slots, features)
+    torch.testing.assert_close(implicit.slots, full.slots)
+    torch.testing.assert_close(implicit.masks, full.masks)
+
+    # Oracle: two iterations as a constant, then one differentiable iteration whose input
+    # carries the initial slots' gradient unchanged (straight-through).
+    implicit.slots.square().sum().backward()
+    got = (slots.grad.clone(), features.grad.clone(), attention.to_q.weight.grad.clone())
+    for tensor in (slots, features, *attention.parameters()):
+        tensor.grad = None
+    attention.implicit_gradient = False
+    converged = attention(slots, features, iterations=2).slots.detach().requires_grad_()
+    attention(converged, features, iterations=1).slots.square().sum().backward()
+    torch.testing.assert_close(got[0], converged.grad)
+    torch.testing.assert_close(got[1], features.grad)
+    torch.testing.assert_close(got[2], attention.to_q.weight.grad)
+    assert not torch.allclose(got[1], torch.autograd.grad(full.slots.square().sum(), features)[0])
+
+
 def test_slot_attention_without_mlp_and_bad_settings():
     attention = SlotAttention(D, DS, mlp_hidden_dim=0)
     assert attention.mlp is None

@@ -80,6 +80,7 @@ class SlotModuleConfig:
 
     initializer: str = "fixed"
     first_frame_iterations: int = 3
+    implicit_gradient: bool = False
     input_hidden_dim: int | None = None
     mlp_hidden_dim: int | None = None
     predictor: str = "transformer"

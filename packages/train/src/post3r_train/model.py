@@ -96,6 +96,7 @@ class POST3RModel(TrainModule):
                 iterations=m.num_iterations,
                 first_frame_iterations=m.slots.first_frame_iterations,
                 mlp_hidden_dim=m.slots.mlp_hidden_dim,
+                implicit_gradient=m.slots.implicit_gradient,
             ),
             _build_predictor(m),
         )
