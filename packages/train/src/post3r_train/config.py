@@ -76,7 +76,11 @@ class TeacherConfig:
 
 @dataclass
 class SlotModuleConfig:
-    """Slot attention (softmax over slots) with a recurrent predictor, as in SlotContrast."""
+    """Slot attention (softmax over slots) with a recurrent predictor, as in SlotContrast.
+
+    `implicit_gradient`: back-propagate through the last slot-attention iteration only (the
+    earlier ones as a fixed-point solver); same forward values, steadier training.
+    """
 
     initializer: str = "fixed"
     first_frame_iterations: int = 3
