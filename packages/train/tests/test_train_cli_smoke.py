@@ -177,11 +177,16 @@ def test_corrupt_shards_are_a_clear_error(tmp_path):
 
 
 def test_continue_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
     code, _, err = run_cli(
-        ["smoke", "--continue", str(tmp_path / "missing.ckpt"), "--log-dir", str(tmp_path)]
+        [
+            *("smoke", "--continue", str(tmp_path / "missing.ckpt")),
+            *("--log-dir", str(tmp_path), "--data-dir", str(data)),
+        ]
     )
     assert code == 1
-    assert "missing.ckpt" in err
+    assert "missing.ckpt: no such run directory or checkpoint file" in err
+    assert not data.exists()  # checked before any data is generated
 
 
 def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):

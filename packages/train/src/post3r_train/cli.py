@@ -119,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     from post3r_train import engine
 
+    if args.resume is not None:
+        try:  # before any data is generated or workers start
+            engine.find_checkpoint(args.resume)
+        except engine.CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     if engine.needs_launch(cfg.trainer.devices) and not args.dry:
         from post3r_train.data import prepare_data
 
