@@ -8,23 +8,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_model_runs import run_cli, smoke_run
+from train_model_runs import TINY_TTT3R, TINY_VIT, run_cli, smoke_run
 
 from post3r_train.config import load_config
 from post3r_train.model import POST3RModel
 
-TINY_FROZEN = [
-    "model.teacher.name=ttt3r",
-    "model.teacher.preset=tiny",
-    "model.teacher.random_weights=true",
-    "model.teacher.image_size=32",
-    "model.encoder.name=dinov2",
-    "model.encoder.pretrained=false",
-    "model.encoder.image_size=28",
-    "model.encoder.block=2",
-    "model.encoder.timm_kwargs={embed_dim: 24, depth: 2, num_heads: 2}",
-    "model.feature_decoder.target=encoder",
-]
+
+def run_on_smoke_data(log_dir: Path, *overrides: str) -> tuple[int, str, str]:
+    """apps/train smoke on the shared smoke shards, logging under `log_dir`, quietly."""
+    data = str(smoke_run().data)
+    return run_cli(["smoke", "--data-dir", data, "--log-dir", str(log_dir), "-q", *overrides])
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -74,18 +67,8 @@ def test_smoke_run_writes_mask_images_animations_and_point_clouds():
 
 
 def test_frozen_teacher_and_encoder_never_reach_a_checkpoint(tmp_path):
-    code, _, err = run_cli(
-        [
-            "smoke",
-            "--data-dir",
-            str(smoke_run().data),
-            "--log-dir",
-            str(tmp_path),
-            "-q",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            *TINY_FROZEN,
-        ]
+    code, _, err = run_on_smoke_data(
+        tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY_TTT3R, *TINY_VIT
     )
     assert code == 0, err
     (run_dir,) = (tmp_path / "smoke").iterdir()
@@ -122,18 +105,8 @@ def test_dry_run_does_one_step_and_writes_nothing(tmp_path):
 
 
 def test_overrides_reach_the_saved_config(tmp_path):
-    code, _, err = run_cli(
-        [
-            "smoke",
-            "--data-dir",
-            str(smoke_run().data),
-            "--log-dir",
-            str(tmp_path),
-            "-q",
-            "trainer.max_steps=1",
-            "model.num_slots=3",
-            "experiment=renamed",
-        ]
+    code, _, err = run_on_smoke_data(
+        tmp_path, "trainer.max_steps=1", "model.num_slots=3", "experiment=renamed"
     )
     assert code == 0, err
     (run_dir,) = (tmp_path / "renamed").iterdir()
@@ -199,17 +172,8 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path
         return (loss * float("nan") if calls["n"] > 2 else loss), parts
 
     monkeypatch.setattr(POST3RModel, "losses", failing)
-    code, _, err = run_cli(
-        [
-            "smoke",
-            "--data-dir",
-            str(smoke_run().data),
-            "--log-dir",
-            str(tmp_path),
-            "-q",
-            "trainer.val_check_interval=100",
-            "trainer.checkpoint_every_n_steps=1",
-        ]
+    code, _, err = run_on_smoke_data(
+        tmp_path, "trainer.val_check_interval=100", "trainer.checkpoint_every_n_steps=1"
     )
     assert code == 1
     assert "finite" in err

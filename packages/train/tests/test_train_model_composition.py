@@ -1,29 +1,20 @@
 """POST3R composition: gradients everywhere, frozen parts kept out of the state, the encoders and
 teachers by config, the 3D metric and the frame conventions."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_model_runs import TINY_TTT3R, TINY_VIT
 
 from post3r_train.config import load_config
 from post3r_train.encoders import IMAGENET_MEAN, IMAGENET_STD, DinoV2Encoder, MissingWeightsError
 from post3r_train.geometry import object_point_errors, to_first_camera
 from post3r_train.model import POST3RModel
 from post3r_train.teacher import MissingTargetError, TeacherOutput
-
-TINY_VIT = [
-    "model.encoder.name=dinov2",
-    "model.encoder.pretrained=false",
-    "model.encoder.image_size=28",
-    "model.encoder.block=2",
-    "model.encoder.timm_kwargs={embed_dim: 24, depth: 2, num_heads: 2}",
-    "model.feature_decoder.target=encoder",
-]
-TINY_TTT3R = [
-    "model.teacher.name=ttt3r",
-    "model.teacher.preset=tiny",
-    "model.teacher.random_weights=true",
-    "model.teacher.image_size=32",
-]
 
 
 def make_batch(b=2, t=2, size=32, seed=0):

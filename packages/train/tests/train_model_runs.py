@@ -14,6 +14,22 @@ from pathlib import Path
 
 from post3r_train.cli import main
 
+# A random-weight DINOv2 ViT and TTT3R backbone small enough for CPU tests.
+TINY_VIT = [
+    "model.encoder.name=dinov2",
+    "model.encoder.pretrained=false",
+    "model.encoder.image_size=28",
+    "model.encoder.block=2",
+    "model.encoder.timm_kwargs={embed_dim: 24, depth: 2, num_heads: 2}",
+    "model.feature_decoder.target=encoder",
+]
+TINY_TTT3R = [
+    "model.teacher.name=ttt3r",
+    "model.teacher.preset=tiny",
+    "model.teacher.random_weights=true",
+    "model.teacher.image_size=32",
+]
+
 
 @dataclass(frozen=True)
 class SmokeRun:
