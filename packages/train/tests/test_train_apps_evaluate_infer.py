@@ -1,7 +1,5 @@
 """apps/evaluate, apps/infer and apps/bench-train on the smoke run."""
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -12,20 +10,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_model_runs import smoke_run
+from train_model_runs import call, smoke_run
 
 from post3r_train import benchmark, evaluate, infer
 from post3r_train.visualize import read_ply
-
-
-def call(entry, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = entry(argv)
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_evaluate_prints_a_table_and_writes_json(tmp_path):

@@ -9,6 +9,7 @@ import functools
 import io
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,20 @@ class SmokeRun:
     run_dir: Path
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `apps/train argv` run in this process."""
+def call(entry: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of an app's `main(argv)` run in this process."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = main(argv)
+            code = entry(argv)
         except SystemExit as exit_:
             code = int(exit_.code or 0)
     return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `apps/train argv` run in this process."""
+    return call(main, argv)
 
 
 @functools.cache
