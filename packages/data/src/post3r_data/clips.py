@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from post3r_data.shards import NpyMember, TarMember, decode_npy
+from post3r_data.teacher_cache import TEACHER_FIELDS, crop_indices
 
 OPTIONAL_FIELDS = ("segmentations", "pointmap", "depth", "camera_to_world", "intrinsics")
 _PER_PIXEL = ("segmentations", "pointmap", "depth")
@@ -36,6 +37,8 @@ class Video:
     key: str
     video: np.ndarray | NpyMember
     extra: dict[str, np.ndarray | NpyMember] = field(default_factory=dict)
+    # Cached teacher maps of the whole frames (post3r_data.teacher_cache), when a cache is read.
+    teacher: dict[str, np.ndarray | NpyMember] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -51,6 +54,8 @@ class Clip:
     box: tuple[int, int, int, int]
     video: np.ndarray  # (T, h, w, 3) uint8, already cropped
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # cropped likewise
+    frame_hw: tuple[int, int] = (0, 0)  # the whole frame's size, which `box` lies in
+    teacher: dict[str, np.ndarray] | None = None  # cached maps of the whole frames, not cropped
 
 
 def instance_ids(segmentations: np.ndarray) -> np.ndarray:
@@ -122,6 +127,7 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
             source,
             f"{name}.npy has shape {array.shape}, expected {expected} to match video {video.shape}",
         )
+    teacher = _decode_teacher(sample, key, source, frames[0])
     if "segmentations" in arrays:
         _expect(
             np.issubdtype(arrays["segmentations"].dtype, np.integer),
@@ -129,7 +135,35 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
             source,
             f"segmentations must be integer ids, got {arrays['segmentations'].dtype}",
         )
-    return Video(key=key, video=video, extra=arrays)
+    return Video(key=key, video=video, extra=arrays, teacher=teacher)
+
+
+def _decode_teacher(sample: dict, key: str, source: str, num_frames: int) -> dict | None:
+    """The sidecar teacher arrays merged into a sample (see loader.read_samples), checked."""
+    if "teacher_pointmap.npy" not in sample:
+        return None
+    arrays = {}
+    for name in TEACHER_FIELDS:
+        data = sample.get(f"{name}.npy")
+        _expect(data is not None, key, source, f"its teacher cache entry has no {name}.npy")
+        try:
+            arrays[name] = NpyMember(data) if isinstance(data, TarMember) else decode_npy(data)
+        except ValueError as error:
+            raise CorruptSampleError(f"sample {key!r} teacher cache {name}: {error}") from None
+    points, confidence = arrays["teacher_pointmap"], arrays["teacher_confidence"]
+    poses = arrays["teacher_camera_to_world"]
+    _expect(
+        points.ndim == 4
+        and points.shape[0] == num_frames
+        and points.shape[-1] == 3
+        and tuple(confidence.shape) == tuple(points.shape[:3])
+        and tuple(poses.shape) == (num_frames, 4, 4),
+        key,
+        source,
+        f"teacher cache arrays {points.shape}, {confidence.shape}, {poses.shape} do not match "
+        f"the video's {num_frames} frames; rebuild the cache (uv run apps/cache-teacher)",
+    )
+    return arrays
 
 
 def crop_window(height: int, width: int, out_hw: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -161,12 +195,17 @@ def cut_clip(
             extra[name] = k
         else:
             extra[name] = np.array(array[frames])
+    teacher = None
+    if video.teacher is not None:  # whole stored frames: they are small, the crop comes later
+        teacher = {name: np.array(array[frames]) for name, array in video.teacher.items()}
     return Clip(
         key=video.key,
         frame_index=np.arange(start, start + length, dtype=np.int64),
         box=(top, left, *size),
         video=video.video[frames][:, rows, cols].copy(),
         extra=extra,
+        frame_hw=tuple(video.video.shape[1:3]),
+        teacher=teacher,
     )
 
 
@@ -215,8 +254,16 @@ def _frames_array(clip: Clip, out_hw: tuple[int, int], as_uint8: bool) -> np.nda
     return scaled.mul_(255).round_().to(torch.uint8).numpy() if as_uint8 else scaled.numpy()
 
 
-def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) -> dict:
+def finish_clip(
+    clip: Clip,
+    out_hw: tuple[int, int],
+    frames_dtype: torch.dtype,
+    teacher_hw: tuple[int, int] | None = None,
+) -> dict:
     """Resize a clip to `out_hw`: NumPy arrays in batch layout without the batch axis.
+
+    Cached teacher maps (if the clip has them) are resampled to `teacher_hw` (nearest) over the
+    same crop as the frames, mapped from frame pixels onto the stored maps' grid.
 
     Per-clip work stays in NumPy (single-threaded) rather than small torch ops: in a busy
     main process (num_workers=0) each of those can stall on torch's thread pool.
@@ -245,7 +292,23 @@ def finish_clip(clip: Clip, out_hw: tuple[int, int], frames_dtype: torch.dtype) 
             out[name] = k.astype(np.float32)
         else:
             out[name] = array.astype(np.float32)
+    if clip.teacher is not None:
+        out.update(_teacher_maps(clip, teacher_hw))
     return out
+
+
+def _teacher_maps(clip: Clip, teacher_hw: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    if teacher_hw is None:
+        raise ValueError("a clip with cached teacher maps needs teacher_hw (their output size)")
+    points = clip.teacher["teacher_pointmap"]
+    rows, cols = crop_indices(clip.box, clip.frame_hw, points.shape[1:3], teacher_hw)
+    return {
+        "teacher_pointmap": points[:, rows][:, :, cols].astype(np.float32),
+        "teacher_confidence": clip.teacher["teacher_confidence"][:, rows][:, :, cols].astype(
+            np.float32
+        ),
+        "teacher_camera_to_world": clip.teacher["teacher_camera_to_world"].astype(np.float32),
+    }
 
 
 def collate(samples: list[dict], frames_dtype: torch.dtype = torch.float32) -> dict:

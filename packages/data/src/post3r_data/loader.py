@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -39,6 +40,7 @@ from post3r_data.clips import (
     random_clip,
 )
 from post3r_data.shards import read_local_shard
+from post3r_data.teacher_cache import TEACHER_FIELDS, TeacherCacheSpec, sidecar_path
 
 OnError = Literal["warn", "raise"]
 # A worker that goes this many samples in a row without producing a clip gives up.
@@ -178,6 +180,7 @@ class _ClipSpec:
     chunk_size: int | None
     fields: tuple[str, ...]
     frames_dtype: torch.dtype
+    teacher: TeacherCacheSpec | None = None
 
 
 def _is_local(url: str) -> bool:
@@ -185,12 +188,16 @@ def _is_local(url: str) -> bool:
 
 
 def read_samples(
-    sources: Iterator[dict], errors: ErrorPolicy, fields: tuple[str, ...] | None
+    sources: Iterator[dict],
+    errors: ErrorPolicy,
+    fields: tuple[str, ...] | None,
+    teacher_cache: os.PathLike | str | None = None,
 ) -> Iterator[dict]:
     """Raw samples of a stream of `{"url": ...}`, keeping `video` and `fields` (None: all).
 
     Local files are read by seeking (`read_local_shard`), so unwanted fields and the frames a
-    clip does not take are never read; URLs stream through webdataset.
+    clip does not take are never read; URLs stream through webdataset. With `teacher_cache`,
+    each sample also gets the `teacher_*` arrays of its sidecar shard (same key, read in step).
     """
     names = None if fields is None else {f"{name}.npy" for name in ("video", *fields)}
 
@@ -203,13 +210,34 @@ def read_samples(
     for source in sources:
         url = source["url"]
         if not _is_local(url):
+            if teacher_cache is not None:
+                raise ValueError(f"a teacher cache needs local shards, got the URL {url}")
             stream = wds.tarfile_to_samples(handler=errors.handle, select_files=wanted_file)
             yield from stream([source])
             continue
         try:
-            yield from read_local_shard(url, wanted)
+            if teacher_cache is None:
+                yield from read_local_shard(url, wanted)
+            else:
+                yield from _with_teacher(url, wanted, sidecar_path(teacher_cache, url))
         except Exception as error:  # unreadable or truncated shard: skip the rest of it
             errors.handle(CorruptShardError(f"shard {url}: {error}"))
+
+
+def _with_teacher(url: str, wanted: Callable[[str], bool], sidecar: os.PathLike) -> Iterator[dict]:
+    """A data shard's samples with its sidecar shard's arrays merged in; both are read in step
+    (the cache writes a shard's videos in the data shard's order)."""
+    names = {f"{name}.npy" for name in TEACHER_FIELDS}
+    cached = read_local_shard(str(sidecar), names.__contains__)
+    for sample in read_local_shard(url, wanted):
+        entry = next(cached, None)
+        if entry is None or entry["__key__"] != sample["__key__"]:
+            found = "nothing" if entry is None else f"video {entry['__key__']!r}"
+            raise CorruptSampleError(
+                f"video {sample['__key__']!r} of {url} has no teacher cache entry ({sidecar} "
+                f"has {found} in its place); rebuild the cache with `uv run apps/cache-teacher`"
+            )
+        yield {**sample, **{k: v for k, v in entry.items() if not k.startswith("__")}}
 
 
 def _clips(
@@ -237,7 +265,8 @@ def _clips(
 
 
 def _collate_clips(clips: list, spec: _ClipSpec) -> dict:
-    finished = [finish_clip(clip, spec.resolution, spec.frames_dtype) for clip in clips]
+    teacher_hw = None if spec.teacher is None else spec.teacher.resolution
+    finished = [finish_clip(clip, spec.resolution, spec.frames_dtype, teacher_hw) for clip in clips]
     return collate(finished, frames_dtype=spec.frames_dtype)
 
 
@@ -298,7 +327,12 @@ class _TrainStream(IterableDataset):
 
         pipeline = wds.DataPipeline(
             urls,
-            partial(read_samples, errors=self.errors, fields=self.spec.fields),
+            partial(
+                read_samples,
+                errors=self.errors,
+                fields=self.spec.fields,
+                teacher_cache=_dir(self.spec),
+            ),
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
             wds.shuffle(
                 self.shuffle_buffer,
@@ -337,12 +371,21 @@ class _ValStream(IterableDataset):
 
         pipeline = wds.DataPipeline(
             lambda: ({"url": url} for url in share),
-            partial(read_samples, errors=self.errors, fields=self.spec.fields),
+            partial(
+                read_samples,
+                errors=self.errors,
+                fields=self.spec.fields,
+                teacher_cache=_dir(self.spec),
+            ),
             mine,
             partial(_clips, make=make, spec=self.spec, errors=self.errors),
             _batches(self.spec, self.batch_size, keep_partial=True),
         )
         return iter(pipeline)
+
+
+def _dir(spec: _ClipSpec) -> Path | None:
+    return None if spec.teacher is None else spec.teacher.directory
 
 
 def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -436,6 +479,7 @@ def make_train_loader(
     frames_dtype: torch.dtype = torch.float32,
     on_error: OnError = "warn",
     pin_memory: bool = False,
+    teacher_cache: TeacherCacheSpec | None = None,
 ) -> TrainLoader:
     """Endless, reproducible training clips from shards (a list, or a brace pattern).
 
@@ -448,6 +492,10 @@ def make_train_loader(
 
     Reproducibility: the stream is a function of (shards, seed, rank, world_size, num_workers,
     batch_size, chunk_size, resolution, crop_scale, clips_per_video, shuffle_buffer, fields).
+    `teacher_cache` adds the cached teacher maps of each clip (`teacher_pointmap`,
+    `teacher_confidence`, `teacher_camera_to_world`), same frames and crop, resampled to its
+    resolution (see post3r_data.teacher_cache).
+
     `start_step=s` yields exactly the batches an uninterrupted loader yields from step s on. It
     starts epoch s // steps_per_epoch directly (free when s is a multiple of steps_per_epoch,
     e.g. when the checkpoint interval is one epoch); within an epoch it reads and discards the
@@ -464,7 +512,11 @@ def make_train_loader(
         raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
     rank, world_size = _rank_and_world(rank, world_size)
     spec = _ClipSpec(
-        _resolution(resolution), chunk_size, _fields(urls, fields), _frames_dtype(frames_dtype)
+        _resolution(resolution),
+        chunk_size,
+        _fields(urls, fields),
+        _frames_dtype(frames_dtype),
+        teacher_cache,
     )
     stream = _TrainStream(
         urls,
@@ -494,12 +546,14 @@ def make_val_loader(
     frames_dtype: torch.dtype = torch.float32,
     on_error: OnError = "warn",
     pin_memory: bool = False,
+    teacher_cache: TeacherCacheSpec | None = None,
 ) -> ValLoader:
     """Every validation video exactly once across ranks, centre-cropped and resized.
 
     `chunk_size=None` yields whole videos (batch them only if all have the same length, as the
     synthetic ones do); an int yields every consecutive chunk of that many frames, dropping the
-    remainder. The last batch of each worker may be smaller. Ranks may receive different
+    remainder. `teacher_cache` adds the cached teacher maps, as in `make_train_loader`. The last
+    batch of each worker may be smaller. Ranks may receive different
     numbers of batches, or none: evaluate without collectives inside the loop.
     """
     urls = _expand(shards)
@@ -507,7 +561,11 @@ def make_val_loader(
         raise ValueError("batch_size and chunk_size must be >= 1")
     rank, world_size = _rank_and_world(rank, world_size)
     spec = _ClipSpec(
-        _resolution(resolution), chunk_size, _fields(urls, fields), _frames_dtype(frames_dtype)
+        _resolution(resolution),
+        chunk_size,
+        _fields(urls, fields),
+        _frames_dtype(frames_dtype),
+        teacher_cache,
     )
     stream = _ValStream(urls, spec, ErrorPolicy(on_error), batch_size, rank, world_size)
     return ValLoader(stream, num_workers, pin_memory)

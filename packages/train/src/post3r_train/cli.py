@@ -148,6 +148,12 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     root = prepare_data(cfg)
+    if cfg.model.teacher.name == "cached":  # before anything is built or trained
+        from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
+
+        config, overrides = split_items(args.items)
+        command = build_command(config, overrides, root, cache_dir(cfg, root))
+        check_teacher_cache(cfg, root, command)
     model = POST3RModel.from_config(cfg)
     loaders = build_loaders(cfg, root)
     if args.dry:

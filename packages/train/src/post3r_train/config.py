@@ -22,7 +22,8 @@ from post3r_train.engine import OptimConfig, TrainerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
 ENCODERS = ("patch", "dinov2", "ttt3r")
-TEACHERS = ("dataset", "ttt3r", "none")
+TEACHERS = ("dataset", "ttt3r", "cached", "none")
+UPDATE_RULES = ("ttt3r", "cut3r")
 FEATURE_TARGETS = ("encoder", "rgb")
 POSITION_EMBEDDINGS = ("learned", "fourier")
 POINTMAP_FRAMES = ("world", "camera")
@@ -60,11 +61,19 @@ class EncoderConfig:
 
 @dataclass
 class TeacherConfig:
-    """The 3D target: `dataset` (ground-truth pointmaps and poses from the shards), `ttt3r` (the
-    frozen backbone run over each clip) or `none` (no pointmap decoder or loss).
+    """The 3D target: `dataset` (ground-truth pointmaps and poses from the shards), `cached` (the
+    frozen TTT3R backbone's outputs over whole videos, computed once by `apps/cache-teacher` and
+    read from sidecar shards), `ttt3r` (the same backbone run online over each clip, from a fresh
+    state, on square crops) or `none` (no pointmap decoder or loss).
 
-    For `ttt3r`: `checkpoint` is a converted or original TTT3R checkpoint; without one, the
-    architecture `preset` with random weights is used only if `random_weights=true` (tests).
+    For `ttt3r` and `cache-teacher`: `checkpoint` is a converted or original TTT3R checkpoint;
+    without one, the architecture `preset` with random weights is used only if
+    `random_weights=true` (tests). `update_rule`: the state update, `ttt3r` or `cut3r`.
+    `image_size`: the online teacher's square input; for the cache, the input's long side (the
+    short side keeps the video's aspect ratio, rounded to a multiple of 16).
+    For `cached`: `cache` is the cache directory (default `<dataset.root>/teacher-cache`, where
+    `cache-teacher` writes); `cache_resolution` is the stored maps' short side (default
+    max(model.decoder_resolution): enough for the decoder after the short-side crop).
     """
 
     name: str = "dataset"
@@ -72,6 +81,9 @@ class TeacherConfig:
     preset: str = "ttt3r_512"
     random_weights: bool = False
     image_size: int = 512
+    update_rule: str = "ttt3r"
+    cache: str | None = None
+    cache_resolution: int | None = None
 
 
 @dataclass
@@ -337,6 +349,8 @@ def validate(cfg: DictConfig) -> None:
         "model.feature_decoder.position_embedding",
     )
     _one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
+    _one_of(m.teacher.update_rule, UPDATE_RULES, "model.teacher.update_rule")
+    _positive(m.teacher.cache_resolution, "model.teacher.cache_resolution")
     for key in ("num_slots", "slot_dim", "num_iterations", "learning_rate"):
         _positive(m[key], f"model.{key}")
     for key in ("batch_size", "val_batch_size", "chunk_size"):

@@ -143,8 +143,11 @@ def frame_size(cfg: DictConfig) -> int:
 
 
 def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
-    """Loaders over `<root>/<dataset.name>-{train,validation}-NNNNNN.tar`."""
+    """Loaders over `<root>/<dataset.name>-{train,validation}-NNNNNN.tar`; with
+    `model.teacher.name=cached` they also deliver the teacher cache's maps at the pointmap
+    decoder's resolution (check the cache first: `teacher_cache.check_teacher_cache`)."""
     from post3r_data import find_shards, make_train_loader, make_val_loader
+    from post3r_data.teacher_cache import TeacherCacheSpec
 
     d = cfg.dataset
     train_shards = find_shards(root, d.name, "train")
@@ -153,6 +156,12 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
     # One loader "epoch" per checkpoint interval: resuming from a checkpoint starts an epoch.
     epoch = cfg.trainer.checkpoint_every_n_steps * cfg.trainer.accumulate_grad_batches
     pin = cfg.trainer.accelerator != "cpu"
+    teacher = None
+    if cfg.model.teacher.name == "cached":
+        from post3r_train.teacher_cache import cache_dir
+
+        resolution = tuple(int(x) for x in cfg.model.decoder_resolution)
+        teacher = TeacherCacheSpec(cache_dir(cfg, root), resolution)
 
     def train(start: int) -> Iterable[dict]:
         return make_train_loader(
@@ -167,6 +176,7 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
             shuffle_buffer=d.shuffle_buffer,
             frames_dtype=torch.uint8,
             pin_memory=pin,
+            teacher_cache=teacher,
         )
 
     def val() -> Iterable[dict]:
@@ -178,6 +188,7 @@ def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
             num_workers=min(d.num_workers, len(val_shards)),
             frames_dtype=torch.uint8,
             pin_memory=pin,
+            teacher_cache=teacher,
         )
 
     return Loaders(train, val)

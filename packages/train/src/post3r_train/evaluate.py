@@ -62,7 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, model, checkpoint = load_run(
             args.run, config=args.config, overrides=args.overrides, data_dir=args.data_dir
         )
-        loaders = build_loaders(cfg, prepare_data(cfg))
+        root = prepare_data(cfg)
+        if cfg.model.teacher.name == "cached":
+            from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
+
+            from post3r_train.runs import run_config_path
+
+            config = args.config or str(run_config_path(args.run))
+            command = build_command(config, args.overrides, root, cache_dir(cfg, root))
+            check_teacher_cache(cfg, root, command)
+        loaders = build_loaders(cfg, root)
         metrics = engine.evaluate(
             model, loaders.val, trainer=trainer_config(cfg), visualize_dir=args.visualize
         )

@@ -46,6 +46,7 @@ from post3r_train.encoders import DinoV2Encoder, EncoderOutput, PatchEncoder
 from post3r_train.engine import TrainModule
 from post3r_train.geometry import object_point_errors, to_first_camera, transform_frames
 from post3r_train.teacher import (
+    CachedTeacher,
     DatasetTeacher,
     TeacherOutput,
     TTT3RTeacher,
@@ -181,7 +182,7 @@ class POST3RModel(TrainModule):
     def _teacher(self, batch: dict, state: Any, targets: bool) -> TeacherOutput | None:
         if self.teacher is None:
             return None
-        if isinstance(self.teacher, DatasetTeacher) and not targets:
+        if isinstance(self.teacher, (DatasetTeacher, CachedTeacher)) and not targets:
             frames = batch["frames"]
             eye = torch.eye(4, device=frames.device).expand(*frames.shape[:2], 4, 4)
             return TeacherOutput(None, None, eye)
@@ -423,12 +424,15 @@ def _build_teacher(m: DictConfig) -> nn.Module | None:
         return None
     if t.name == "dataset":
         return DatasetTeacher()
+    if t.name == "cached":
+        return CachedTeacher()
     return TTT3RTeacher(
         t.checkpoint,
         preset=t.preset,
         random_weights=t.random_weights,
         image_size=t.image_size,
         tokens=m.encoder.name == "ttt3r",
+        update_rule=t.update_rule,
     )
 
 

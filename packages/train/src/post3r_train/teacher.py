@@ -1,9 +1,12 @@
 """3D teachers: where the pointmap targets and camera poses come from.
 
-`DatasetTeacher` reads ground truth from the batch (synthetic shards). `TTT3RTeacher` runs the
-frozen TTT3R backbone over each clip, frame by frame, from a fresh state (reset only before the
-clip's first frame, fixing POST3R's reset-after-frame-0, D2). The backbone normalises frames to
-[-1, 1] itself (D1); the gate is computed per sample inside the backbone (D3).
+`DatasetTeacher` reads ground truth from the batch (synthetic shards). `CachedTeacher` reads the
+TTT3R outputs that `apps/cache-teacher` stored once per whole video, delivered by the loader with
+the clip's frames and crop. `TTT3RTeacher` runs the frozen TTT3R backbone online over each clip,
+frame by frame, from a fresh state (reset only before the clip's first frame, fixing POST3R's
+reset-after-frame-0, D2), under the run's autocast (the backbone keeps its heads and state in
+float32 itself). The backbone normalises frames to [-1, 1] itself (D1); the gate is computed per
+sample inside the backbone (D3).
 """
 
 from __future__ import annotations
@@ -55,6 +58,31 @@ class DatasetTeacher(nn.Module):
         return TeacherOutput(pointmap, None, pose)
 
 
+class CachedTeacher(nn.Module):
+    """TTT3R outputs cached per whole video (post3r_data.teacher_cache), cropped like the
+    frames by the loader: world points (in the video's first camera), confidences and
+    camera-to-world poses. The model re-expresses them in the clip's first camera."""
+
+    FIELDS = ("teacher_pointmap", "teacher_confidence", "teacher_camera_to_world")
+
+    def forward(self, batch: dict, state: Any = None) -> TeacherOutput:
+        missing = [key for key in self.FIELDS if key not in batch]
+        if missing:
+            raise MissingTargetError(
+                f"model.teacher.name=cached needs {', '.join(missing)} in every batch, which the "
+                "loader adds from the teacher cache (model.teacher.cache); this batch has "
+                f"{sorted(batch)}. Build the cache with `uv run apps/cache-teacher`, or use "
+                "model.teacher.name=ttt3r"
+            )
+        frames = batch["frames"]
+        dtype = frames.dtype if frames.is_floating_point() else torch.float32
+        return TeacherOutput(
+            batch["teacher_pointmap"].to(dtype),
+            batch["teacher_confidence"].to(dtype),
+            batch["teacher_camera_to_world"].to(dtype),
+        )
+
+
 class TTT3RTeacher(nn.Module):
     """The frozen TTT3R backbone over each clip.
 
@@ -64,6 +92,7 @@ class TTT3RTeacher(nn.Module):
         random_weights: build `preset` with random weights (tests only; never silently).
         image_size: frames are resized (bilinear) to image_size² before the backbone.
         tokens: also return the encoder tokens (for `model.encoder.name=ttt3r`).
+        update_rule: the backbone's state update, "ttt3r" or "cut3r".
     """
 
     def __init__(
@@ -74,6 +103,7 @@ class TTT3RTeacher(nn.Module):
         random_weights: bool = False,
         image_size: int | None = 512,
         tokens: bool = False,
+        update_rule: str = "ttt3r",
     ) -> None:
         super().__init__()
         from post3r_backbone import TTT3R, TTT3RConfig, load_checkpoint
@@ -90,6 +120,7 @@ class TTT3RTeacher(nn.Module):
                 "model.teacher.random_weights=true builds untrained weights (tests only)."
             )
         self.backbone.freeze()
+        self.backbone.update_rule = update_rule
         self.image_size = image_size
         self.outputs = ["pts3d_world", "conf_world", "camera_to_world"]
         if tokens:
@@ -111,10 +142,8 @@ class TTT3RTeacher(nn.Module):
             flat = F.interpolate(frames.flatten(0, 1).float(), size=size, mode="bilinear")
             frames = flat.clamp(0, 1).unflatten(0, (batch_size, time))
         # A fresh state for every clip: the reset happens before frame 0 and never after it.
-        with torch.autocast(frames.device.type, enabled=False):
-            out, state = self.backbone.forward_video(
-                frames.float(), state=state, outputs=self.outputs
-            )
+        # The run's autocast applies; the backbone runs its heads and state in float32 itself.
+        out, state = self.backbone.forward_video(frames, state=state, outputs=self.outputs)
         grid = None
         if out.enc_tokens is not None:
             grid = (frames.shape[-2] // self.patch_size, frames.shape[-1] // self.patch_size)

@@ -1,0 +1,8 @@
+"""Run the frozen TTT3R teacher once over every whole video into sidecar shards.
+
+Run from the repository root: `uv run apps/cache-teacher --help`.
+"""
+
+from post3r_train.teacher_cache import main
+
+raise SystemExit(main())
