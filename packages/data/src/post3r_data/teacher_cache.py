@@ -112,7 +112,7 @@ class _VideoSpool:
         self.files: dict[str, BinaryIO] = {}
         for name, (dtype, tail) in TEACHER_FIELDS.items():
             shape = (num_frames, 4, 4) if tail is None else (num_frames, *size, *tail)
-            file = tempfile.TemporaryFile(dir=directory, prefix=".spool-")
+            file = tempfile.TemporaryFile(dir=directory, prefix=".spool-")  # noqa: SIM115
             file.write(_npy_header(shape, dtype))
             self.files[name] = file
 
@@ -154,8 +154,8 @@ class SidecarShardWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in __exit__)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 -- closed in __exit__
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._video: _VideoSpool | None = None
         self._key = ""
         self.videos: list[tuple[str, int]] = []

@@ -64,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         root = prepare_data(cfg)
         if cfg.model.teacher.name == "cached":
-            from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
-
             from post3r_train.runs import run_config_path
+            from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
 
             config = args.config or str(run_config_path(args.run))
             command = build_command(config, args.overrides, root, cache_dir(cfg, root))
