@@ -75,12 +75,14 @@ def test_sidecar_round_trip_is_deterministic_and_saturates_confidence(tmp_path):
 
 
 def test_a_failed_shard_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError, match="2 frames written, 3 declared"):
-        with SidecarShardWriter(tmp_path / "s.tar") as writer:
-            spool = writer.begin_video("v", 3, (2, 2))
-            for frame in zip(*maps(0, 2, (2, 2)), strict=True):
-                spool.add(*frame)
-            writer.end_video()
+    with (
+        pytest.raises(ValueError, match="2 frames written, 3 declared"),
+        SidecarShardWriter(tmp_path / "s.tar") as writer,
+    ):
+        spool = writer.begin_video("v", 3, (2, 2))
+        for frame in zip(*maps(0, 2, (2, 2)), strict=True):
+            spool.add(*frame)
+        writer.end_video()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -159,5 +161,5 @@ def test_a_video_without_a_cache_entry_is_named(tmp_path):
     write_shard(shard, samples)
     spec = TeacherCacheSpec(tmp_path / "cache", (H, H))
     loader = make_val_loader(str(shard), resolution=H, teacher_cache=spec, on_error="raise")
-    with pytest.raises(Exception, match="'vid9'.*no teacher cache entry"):
+    with pytest.raises(Exception, match=r"'vid9'.*no teacher cache entry"):
         list(loader)
