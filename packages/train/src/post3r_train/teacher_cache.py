@@ -143,7 +143,10 @@ def check_teacher_cache(cfg: DictConfig, data_root: Path, command: str) -> Path:
         recorded = json.loads(info_path.read_text())["settings"]
     except (OSError, ValueError, KeyError) as error:
         raise TeacherCacheError(f"{info_path} is unreadable ({error}); {hint}") from None
-    _compare_settings(recorded, cache_settings(cfg), directory, hint)
+    expected = cache_settings(cfg)
+    # Any stored resolution that covers the decoder after the crop will do.
+    expected["stored_short_side"] = max(int(x) for x in cfg.model.decoder_resolution)
+    _compare_settings(recorded, expected, directory, hint)
     missing = []
     for shard in data_shards(data_root, cfg.dataset.name):
         sidecar = sidecar_path(directory, shard)
@@ -171,7 +174,7 @@ def _compare_settings(recorded: dict, expected: dict, directory: Path, hint: str
                 raise TeacherCacheError(
                     f"the teacher cache at {directory} is stale: its stored resolution "
                     f"(short side {have}) is below what the run needs ({value}, from "
-                    f"model.teacher.cache_resolution / model.decoder_resolution); {hint}"
+                    f"model.decoder_resolution); {hint} model.teacher.cache_resolution={value} --overwrite"
                 )
             continue
         if have != value:
