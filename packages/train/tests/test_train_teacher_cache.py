@@ -163,9 +163,9 @@ def test_missing_partial_and_stale_caches_are_named_with_the_command(built, tmp_
     cfg = config(built)
     assert _check(cfg, built) == built / "data" / "teacher-cache"
     missing = config(built, f"model.teacher.cache={tmp_path / 'nothing'}")
-    with pytest.raises(teacher_cache.TeacherCacheError, match="no teacher cache.*THE-COMMAND"):
+    with pytest.raises(teacher_cache.TeacherCacheError, match=r"no teacher cache.*THE-COMMAND"):
         _check(missing, built)
-    with pytest.raises(teacher_cache.TeacherCacheError, match="update_rule is 'ttt3r'.*'cut3r'"):
+    with pytest.raises(teacher_cache.TeacherCacheError, match=r"update_rule is 'ttt3r'.*'cut3r'"):
         _check(config(built, "model.teacher.update_rule=cut3r"), built)
     with pytest.raises(teacher_cache.TeacherCacheError, match=r"stored resolution \(short side 32"):
         _check(config(built, "model.decoder_resolution=[64,64]"), built)
@@ -174,7 +174,7 @@ def test_missing_partial_and_stale_caches_are_named_with_the_command(built, tmp_
     record_path(partial / "synthetic-validation-000000.tar").unlink()
     with pytest.raises(
         teacher_cache.TeacherCacheError,
-        match="unfinished: 1 data shard.*synthetic-validation-000000.tar.*THE-COMMAND",
+        match=r"unfinished: 1 data shard.*synthetic-validation-000000.tar.*THE-COMMAND",
     ):
         _check(config(built, f"model.teacher.cache={partial}"), built)
 
@@ -189,7 +189,7 @@ def test_a_video_added_to_the_data_is_named(built, tmp_path):
     cfg = load_config("smoke", [*CACHED, f"dataset.root={data}"])
     with pytest.raises(
         teacher_cache.TeacherCacheError,
-        match="data shard synthetic-train-000000.tar changed.*without a cache entry: new_video",
+        match=r"data shard synthetic-train-000000.tar changed.*without a cache entry: new_video",
     ):
         teacher_cache.check_teacher_cache(cfg, data, "THE-COMMAND")
 

@@ -174,7 +174,8 @@ def _compare_settings(recorded: dict, expected: dict, directory: Path, hint: str
                 raise TeacherCacheError(
                     f"the teacher cache at {directory} is stale: its stored resolution "
                     f"(short side {have}) is below what the run needs ({value}, from "
-                    f"model.decoder_resolution); {hint} model.teacher.cache_resolution={value} --overwrite"
+                    f"model.decoder_resolution); {hint} "
+                    f"model.teacher.cache_resolution={value} --overwrite"
                 )
             continue
         if have != value:
