@@ -466,7 +466,7 @@ class TTT3R(nn.Module):
                 f"size {p}; "
                 f"resize or crop (e.g. 512x384 for the released model)"
             )
-        if frame.dtype == torch.uint8:
+        if frame.dtype == torch.uint8 or frame.is_meta:  # meta: no values (shape-only runs)
             return
         if not frame.is_floating_point():
             raise TypeError(f"frame must be float in [0, 1] or uint8, got {frame.dtype}")

@@ -6,6 +6,14 @@ random (no checkpoints needed: speed does not depend on their values). Batches a
 tensors of the config's shapes, so the figures measure the model step (forward, backward, AdamW)
 without data loading. Each case also times the frozen part (teacher + frozen encoder forward)
 alone, in the same run, and reports its share of the step.
+
+`--compare-teachers` compares the online TTT3R teacher (`model.teacher.name=ttt3r`) with the
+cached one (`cached`, whose targets arrive with the batch) in one run: steps/s, samples/s and
+peak memory of both on the device (on a CPU the `tiny` TTT3R preset and a small DINOv2 at small
+sizes, `CPU_TINY`; on a GPU the config's real sizes), FLOPs per training step of both at the
+config's real sizes (counted by `torch.utils.flop_counter` on the meta device: no weights and no
+arithmetic needed), and the online teacher's bf16-vs-fp32 target difference and the cache's
+float16-storage difference (CPU, `tiny` preset, random weights).
 """
 
 from __future__ import annotations
@@ -51,9 +59,12 @@ class Result:
 
 def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """A training batch of the config's shapes: frames, ids, pointmaps 5 units in front of an
-    identity camera."""
+    identity camera (and, for `model.teacher.name=cached`, the cached teacher's maps at the
+    decoder's resolution, as the loader delivers them)."""
     b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
     h, w = input_size(cfg)
+    if device.type == "meta":
+        return _meta_batch(cfg, device)
     generator = torch.Generator().manual_seed(0)
     points = torch.randn(b, t, h, w, 3, generator=generator) + torch.tensor([0.0, 0.0, 5.0])
     batch = {
@@ -62,7 +73,32 @@ def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Te
         "pointmap": points,
         "camera_to_world": torch.eye(4).expand(b, t, 4, 4).clone(),
     }
+    if cfg.model.teacher.name == "cached":
+        dh, dw = cfg.model.decoder_resolution
+        cached = torch.randn(b, t, dh, dw, 3, generator=generator) + torch.tensor([0.0, 0.0, 5.0])
+        batch["teacher_pointmap"] = cached
+        batch["teacher_confidence"] = 1 + torch.rand(b, t, dh, dw, generator=generator)
+        batch["teacher_camera_to_world"] = torch.eye(4).expand(b, t, 4, 4).clone()
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def _meta_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The same shapes on the meta device (no values): for counting FLOPs."""
+    b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
+    h, w = input_size(cfg)
+    dh, dw = cfg.model.decoder_resolution
+    shapes = {
+        "frames": (b, t, 3, h, w),
+        "pointmap": (b, t, h, w, 3),
+        "camera_to_world": (b, t, 4, 4),
+    }
+    if cfg.model.teacher.name == "cached":
+        shapes["teacher_pointmap"] = (b, t, dh, dw, 3)
+        shapes["teacher_confidence"] = (b, t, dh, dw)
+        shapes["teacher_camera_to_world"] = (b, t, 4, 4)
+    batch = {key: torch.empty(shape, device=device) for key, shape in shapes.items()}
+    batch["segmentations"] = torch.empty((b, t, h, w), dtype=torch.long, device=device)
+    return batch
 
 
 def _sync(device: torch.device) -> None:
@@ -156,6 +192,13 @@ def default_cases(device: str) -> list[Case]:
     return cases
 
 
+def _print_machine() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", end="")
+    if torch.cuda.is_available():
+        print(f", {torch.cuda.get_device_name()}", end="")
+    print()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="apps/bench-train",
@@ -168,9 +211,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument(
+        "--compare-teachers",
+        action="store_true",
+        help="online vs cached 3D teacher of --config (default ytvis2021): steps/s, samples/s, "
+        "peak memory, FLOPs per step at the config's real sizes",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_teachers:
+        from post3r_train.benchmark_teachers import compare_teachers
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA/ROCm device is visible")
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if cuda else "cpu")
+        _print_machine()
+        return compare_teachers(
+            args.config or "ytvis2021", args.overrides, device, args.steps, args.warmup
+        )
     if args.config:
         device = (
             "cuda"
@@ -180,10 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [Case(args.config, args.config, device)]
     else:
         cases = default_cases(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", end="")
-    if torch.cuda.is_available():
-        print(f", {torch.cuda.get_device_name()}", end="")
-    print()
+    _print_machine()
     results = []
     for case in cases:
         print(f"running {case.name} on {case.device} ...", file=sys.stderr, flush=True)
