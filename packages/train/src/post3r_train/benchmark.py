@@ -186,7 +186,7 @@ def default_cases(device: str) -> list[Case]:
     if device in ("auto", "cpu"):
         cases.append(Case("default (synthetic)", "default", "cpu"))
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        cases.append(Case("ytvis2021 shapes", "ytvis2021", "cuda"))
+        cases.append(Case("ytvis2021 shapes", "ytvis2021", "cuda", ("model.teacher.name=ttt3r",)))
     elif device == "cuda":
         raise SystemExit("error: --device cuda but no CUDA/ROCm device is visible")
     return cases
