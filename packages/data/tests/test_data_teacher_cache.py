@@ -163,3 +163,23 @@ def test_a_video_without_a_cache_entry_is_named(tmp_path):
     loader = make_val_loader(str(shard), resolution=H, teacher_cache=spec, on_error="raise")
     with pytest.raises(Exception, match=r"'vid9'.*no teacher cache entry"):
         list(loader)
+
+
+def test_writing_a_long_video_takes_no_more_memory_than_a_short_one(tmp_path):
+    """Peak Python/NumPy allocations while writing 10 vs 400 frames (64x96 maps)."""
+    import tracemalloc
+
+    frame = maps(0, 1, (64, 96))
+    peaks = []
+    for length in (10, 400):
+        tracemalloc.start()
+        with SidecarShardWriter(tmp_path / f"{length}.tar") as writer:
+            spool = writer.begin_video("v", length, (64, 96))
+            for _ in range(length):
+                spool.add(frame[0][0], frame[1][0], frame[2][0])
+            writer.end_video()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    one_frame = 64 * 96 * 4 * 4  # the float32 inputs of one frame
+    assert peaks[1] < peaks[0] + one_frame  # 390 more frames would be 390 x 49 KiB if held
+    assert (tmp_path / "400.tar").stat().st_size > 400 * 64 * 96 * 8

@@ -225,3 +225,22 @@ def test_training_without_the_cache_stops_before_the_first_step(built, tmp_path)
     assert "uv run apps/cache-teacher smoke --data-dir" in err
     assert f"--output {tmp_path / 'none'}" in err
     assert not (tmp_path / "smoke").exists()  # no run directory: nothing started
+
+
+def test_bench_train_compares_the_online_and_the_cached_teacher():
+    from post3r_train import benchmark
+
+    tiny = ["model.teacher.preset=tiny", "model.teacher.random_weights=true"]
+    argv = ["--config", "smoke", "--compare-teachers", "--steps", "1", "--warmup", "0", *tiny]
+    code, out, err = call(benchmark.main, [*argv, "model.teacher.image_size=32"])
+    assert code == 0, err
+    rows = {row[0]: row for row in map(str.split, out.splitlines()) if len(row) == 5}
+    assert set(rows) == {"online", "cached"}
+    flops = {name: float(row[-1]) for name, row in rows.items()}
+    assert flops["online"] > flops["cached"] > 0  # the tiny teacher's FLOPs are gone
+    assert "random frozen weights" in out
+    differences = dict(
+        line.rsplit(maxsplit=1) for line in out.splitlines() if line.startswith("  ")
+    )
+    assert 0 < float(differences["  bf16 pointmap"]) < 5e-2
+    assert 0 < float(differences["  float16 storage pointmap"]) < 1e-3

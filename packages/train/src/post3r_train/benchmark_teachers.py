@@ -193,6 +193,6 @@ def format_rows(rows: list[Row], real: DictConfig, device: torch.device) -> str:
     for r in rows:
         lines.append(
             f"{r.name:<8} {r.steps_per_s:>8.3f} {r.samples_per_s:>10.2f} "
-            f"{r.peak_memory_gb:>13.2f} {r.tflop_per_step:>30.2f}"
+            f"{r.peak_memory_gb:>13.2f} {r.tflop_per_step:>30.4g}"
         )
     return "\n".join(lines)
