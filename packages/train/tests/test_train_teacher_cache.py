@@ -234,7 +234,11 @@ def test_bench_train_compares_the_online_and_the_cached_teacher():
     argv = ["--config", "smoke", "--compare-teachers", "--steps", "1", "--warmup", "0", *tiny]
     code, out, err = call(benchmark.main, [*argv, "model.teacher.image_size=32"])
     assert code == 0, err
-    rows = {row[0]: row for row in map(str.split, out.splitlines()) if len(row) == 5}
+    rows = {
+        row[0]: row
+        for row in map(str.split, out.splitlines())
+        if row[:1] in (["online"], ["cached"]) and len(row) == 5
+    }
     assert set(rows) == {"online", "cached"}
     flops = {name: float(row[-1]) for name, row in rows.items()}
     assert flops["online"] > flops["cached"] > 0  # the tiny teacher's FLOPs are gone
