@@ -179,6 +179,13 @@ def test_missing_partial_and_stale_caches_are_named_with_the_command(built, tmp_
         _check(config(built, f"model.teacher.cache={partial}"), built)
 
 
+def test_the_data_directory_is_refused_as_the_output(built):
+    before = files(built / "data" / "teacher-cache")
+    with pytest.raises(ValueError, match="is the data directory"):
+        teacher_cache.build_cache(config(built), built / "data", built / "data" / ".." / "data")
+    assert files(built / "data" / "teacher-cache") == before
+
+
 def test_a_video_added_to_the_data_is_named(built, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(built / "data", data)

@@ -116,7 +116,7 @@ def build_command(
     config: str | None, overrides: Sequence[str], data_root: Path, output: Path | None
 ) -> str:
     """The exact `uv run apps/cache-teacher ...` that builds a run's cache."""
-    parts = ["uv", "run", "apps/cache-teacher", config or "CONFIG", "--data-dir", str(data_root)]
+    parts = ["uv", "run", "apps/cache-teacher", config or "default", "--data-dir", str(data_root)]
     if output is not None and output != Path(data_root) / DEFAULT_CACHE_NAME:
         parts += ["--output", str(output)]
     parts += [o for o in overrides if not o.startswith("dataset.root=")]
@@ -368,6 +368,11 @@ def build_cache(
     started = time.monotonic()
     device = device or torch.device("cpu")
     precision = precision or ("bf16" if device.type == "cuda" else "32")
+    if Path(output).resolve() == Path(data_root).resolve():
+        raise ValueError(
+            f"--output {output} is the data directory: the sidecar shards have the data shards' "
+            "names and would replace them; choose another folder (default: D/teacher-cache)"
+        )
     shards = data_shards(data_root, cfg.dataset.name)
     settings = cache_settings(cfg)
     if settings["checkpoint"] is not None and "size" not in settings["checkpoint"]:
