@@ -144,16 +144,15 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     from post3r_train import engine
     from post3r_train.data import build_loaders, prepare_data
     from post3r_train.model import POST3RModel
+    from post3r_train.teacher_cache import check_run_cache
 
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     root = prepare_data(cfg)
-    if cfg.model.teacher.name == "cached":  # before anything is built or trained
-        from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
-
-        config, overrides = split_items(args.items)
-        command = build_command(config, overrides, root, cache_dir(cfg, root))
-        check_teacher_cache(cfg, root, command)
+    config, overrides = split_items(args.items)
+    if config is None and args.resume is not None:  # the run's own config.yaml
+        config = str(_run_config_of(args.resume) or "") or None
+    check_run_cache(cfg, root, config, overrides)  # before anything is built or trained
     model = POST3RModel.from_config(cfg)
     loaders = build_loaders(cfg, root)
     if args.dry:

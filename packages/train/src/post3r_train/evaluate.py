@@ -56,20 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     from post3r_train import engine
     from post3r_train.data import build_loaders, prepare_data
-    from post3r_train.runs import load_run
+    from post3r_train.runs import load_run, run_config_path
+    from post3r_train.teacher_cache import check_run_cache
 
     try:
         cfg, model, checkpoint = load_run(
             args.run, config=args.config, overrides=args.overrides, data_dir=args.data_dir
         )
         root = prepare_data(cfg)
-        if cfg.model.teacher.name == "cached":
-            from post3r_train.runs import run_config_path
-            from post3r_train.teacher_cache import build_command, cache_dir, check_teacher_cache
-
-            config = args.config or str(run_config_path(args.run))
-            command = build_command(config, args.overrides, root, cache_dir(cfg, root))
-            check_teacher_cache(cfg, root, command)
+        config = args.config or str(run_config_path(args.run))
+        check_run_cache(cfg, root, config, args.overrides)
         loaders = build_loaders(cfg, root)
         metrics = engine.evaluate(
             model, loaders.val, trainer=trainer_config(cfg), visualize_dir=args.visualize

@@ -127,6 +127,16 @@ def build_command(
 # Checking a cache before training
 
 
+def check_run_cache(
+    cfg: DictConfig, data_root: Path, config: str | None, overrides: Sequence[str]
+) -> None:
+    """For a `model.teacher.name=cached` run (given as its `config` and `overrides`), check its
+    cache (`check_teacher_cache`) with the command that builds it; other runs need none."""
+    if cfg.model.teacher.name == "cached":
+        command = build_command(config, overrides, data_root, cache_dir(cfg, data_root))
+        check_teacher_cache(cfg, data_root, command)
+
+
 def check_teacher_cache(cfg: DictConfig, data_root: Path, command: str) -> Path:
     """The cache directory of a `model.teacher.name=cached` run, after checking that every data
     shard has a finished sidecar shard made from the same data by the run's teacher settings.
