@@ -315,6 +315,7 @@ def _cache_shard(teacher: _Teacher, shard: str, sidecar: Path, progress) -> dict
         "videos": videos,
         "frames": sum(frames for _, frames in videos),
         "bytes": sidecar.stat().st_size,
+        "precision": teacher.precision,  # '32' or 'bf16' autocast: how these values were made
     }
 
 
