@@ -3,6 +3,6 @@
 Run from the repository root: `uv run apps/bench-train --help`.
 """
 
-from post3r_train.benchmark import main
+from post3r_train.bench_train import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from train_model_runs import call, smoke_run
 
-from post3r_train import benchmark, evaluate, infer
+from post3r_train import bench_train, evaluate, infer
 from post3r_train.visualize import read_ply
 
 
@@ -121,7 +121,7 @@ def test_infer_bad_input_is_a_clear_error(tmp_path):
 
 def test_bench_train_prints_a_table():
     code, out, err = call(
-        benchmark.main, ["--config", "smoke", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+        bench_train.main, ["--config", "smoke", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     )
     assert code == 0, err
     header, _, row = out.strip().splitlines()[1:4]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from post3r_train.engine import evaluate, load_checkpoint
+from post3r_train.engine import evaluate_checkpoint, load_checkpoint
 from post3r_train.engine.module import frozen_names
 
 # Metrics that do not depend on how videos are grouped into batches. The contrastive loss
@@ -44,6 +44,6 @@ def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None
     assert set(saved["model"]) == set(model.trainable_state_dict())
     assert not set(saved["model"]) & frozen_names(model)  # no frozen weights saved
 
-    single = evaluate(model, build_loaders(cfg, prepare_data(cfg)).val, checkpoint=run)
+    single = evaluate_checkpoint(model, build_loaders(cfg, prepare_data(cfg)).val, checkpoint=run)
     for name in SHARD_INVARIANT:
         assert single[f"val/{name}"] == pytest.approx(float(logged[f"val/{name}"]), rel=1e-3)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from post3r_train.engine import evaluate, launch_local, load_checkpoint, seed_everything
+from post3r_train.engine import evaluate_checkpoint, launch_local, load_checkpoint, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_engine_toy as toy
@@ -51,6 +51,6 @@ def test_ddp_preempt_resume_sync_metrics_and_one_checkpoint_set(tmp_path: Path, 
 
     # The metrics DDP logged equal a single-process evaluation of the same checkpoint.
     seed_everything(0)
-    single = evaluate(toy.ToyModule(), toy.val_stream(0, 1, 5), checkpoint=root)
+    single = evaluate_checkpoint(toy.ToyModule(), toy.val_stream(0, 1, 5), checkpoint=root)
     assert single["val/count"] == 5
     assert single["val/mse"] == pytest.approx(float(validations[-1]["val/mse"]), rel=1e-6)

@@ -17,7 +17,7 @@ from post3r_train.engine import (
     FitResult,
     NonFiniteLossError,
     StateDictMismatchError,
-    evaluate,
+    evaluate_checkpoint,
     fit,
     load_checkpoint,
     seed_everything,
@@ -77,7 +77,7 @@ def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path, capsys) 
     assert saved["metrics"]["values"] == result.val_metrics
     # The checkpoint, evaluated from scratch, gives the metrics the run logged.
     seed_everything(0)
-    again = evaluate(toy.ToyModule(), toy.val_stream(0, 1, 5), checkpoint=root)
+    again = evaluate_checkpoint(toy.ToyModule(), toy.val_stream(0, 1, 5), checkpoint=root)
     assert again["val/mse"] == pytest.approx(result.val_metrics["val/mse"], rel=1e-6)
     assert again["val/count"] == 5
 

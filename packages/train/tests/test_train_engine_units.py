@@ -29,11 +29,11 @@ from post3r_train.engine import (
     save_checkpoint,
 )
 from post3r_train.engine.checkpoint import prune_checkpoints, publish_as, step_checkpoints
-from post3r_train.engine.config import parse_duration
+from post3r_train.engine.loggers import MetricsCSV, RunLogger, start_wandb
 from post3r_train.engine.module import frozen_names
 from post3r_train.engine.rng import capture_rng, restore_rng
-from post3r_train.engine.rundir import MetricsCSV, RunLogger, start_wandb
 from post3r_train.engine.schedule import lr_factor
+from post3r_train.engine.trainer_config import parse_duration
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_engine_toy as toy

@@ -235,11 +235,11 @@ def test_training_without_the_cache_stops_before_the_first_step(built, tmp_path)
 
 
 def test_bench_train_compares_the_online_and_the_cached_teacher():
-    from post3r_train import benchmark
+    from post3r_train import bench_train
 
     tiny = ["model.teacher.preset=tiny", "model.teacher.random_weights=true"]
     argv = ["--config", "smoke", "--compare-teachers", "--steps", "1", "--warmup", "0", *tiny]
-    code, out, err = call(benchmark.main, [*argv, "model.teacher.image_size=32"])
+    code, out, err = call(bench_train.main, [*argv, "model.teacher.image_size=32"])
     assert code == 0, err
     rows = {
         row[0]: row

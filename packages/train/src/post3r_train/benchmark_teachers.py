@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from post3r_train.benchmark import RANDOM_FROZEN, _timed, synthetic_batch
+from post3r_train.bench_train import RANDOM_FROZEN, _timed, synthetic_batch
 from post3r_train.config import load_config, trainer_config
 from post3r_train.engine.validation import autocast
 from post3r_train.model import POST3RModel

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from post3r_train.atomic import atomic_write_text
 from post3r_train.config import ConfigError, trainer_config
-from post3r_train.engine.checkpoint import atomic_write_text
 
 DESCRIPTIONS = {
     "ari": "FG-ARI per video, feature-decoder masks",
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = args.config or str(run_config_path(args.run))
         check_run_cache(cfg, root, config, args.overrides)
         loaders = build_loaders(cfg, root)
-        metrics = engine.evaluate(
+        metrics = engine.evaluate_checkpoint(
             model, loaders.val, trainer=trainer_config(cfg), visualize_dir=args.visualize
         )
     except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:

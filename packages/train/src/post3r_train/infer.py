@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from post3r_train.atomic import atomic_write
 from post3r_train.config import ConfigError
 from post3r_train.visualize import (
-    _atomic,
     overlay,
     palette,
     save_gif,
@@ -116,7 +116,7 @@ def save_video(path: Path, frames: np.ndarray, fps: float) -> Path:
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
 
-    return _atomic(path, write)
+    return atomic_write(path, write, make_parents=True)
 
 
 def _upscale(images: np.ndarray, min_side: int = 256) -> np.ndarray:
@@ -133,7 +133,9 @@ def write_outputs(frames: torch.Tensor, result: dict, output: Path, fps: float) 
         binary = np.repeat((ids == k)[..., None] * np.uint8(255), 3, axis=-1)
         paths.append(save_video(output / "objects" / f"slot{k}.mp4", _upscale(binary), fps))
     paths.append(save_gif(output / "overlay.gif", list(_upscale(overlay(frames, masks))), fps))
-    paths.append(_atomic(output / "masks.npy", lambda file: np.save(file, ids)))
+    paths.append(
+        atomic_write(output / "masks.npy", lambda file: np.save(file, ids), make_parents=True)
+    )
     if "slot_pointmaps" in result:
         clouds = slot_clouds(frames, result["slot_pointmaps"], result["pointmap_masks"])
         paths += write_point_clouds(output / "points", "video", clouds)

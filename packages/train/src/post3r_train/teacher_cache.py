@@ -333,7 +333,7 @@ def prepare_output(output: Path, settings: dict[str, Any], overwrite: bool) -> N
     """Make `output` ready for a cache with `settings`: a cache made with other settings is
     refused (its shards would mix with the new ones) unless `overwrite`, which deletes it."""
     from post3r_data.teacher_cache import CACHE_INFO
-    from post3r_train.engine.checkpoint import atomic_write_text
+    from post3r_train.atomic import atomic_write_text
 
     info_path = output / CACHE_INFO
     if info_path.is_file():

@@ -6,7 +6,7 @@ All writers are atomic (temporary file in the target folder, then rename).
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from post3r_slots import slot_point_clouds
-from post3r_train.engine.checkpoint import atomic_write
+from post3r_train.atomic import atomic_write
 
 
 def palette(num_colors: int) -> np.ndarray:
@@ -50,19 +50,15 @@ def _to_uint8(frames: Tensor) -> np.ndarray:
     )
 
 
-def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
-    return path
-
-
 def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
     factor = max(1, int(np.ceil(min_side / min(image.shape[-3:-1]))))
     return image.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else image
 
 
 def save_png(path: Path, image: np.ndarray) -> Path:
-    return _atomic(path, lambda file: Image.fromarray(image).save(file, format="PNG"))
+    return atomic_write(
+        path, lambda file: Image.fromarray(image).save(file, format="PNG"), make_parents=True
+    )
 
 
 def save_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path:
@@ -74,7 +70,7 @@ def save_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path
             file, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
         )
 
-    return _atomic(path, write)
+    return atomic_write(path, write, make_parents=True)
 
 
 def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarray) -> Path:
@@ -111,7 +107,7 @@ def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarra
         file.write(header.encode("ascii"))
         file.write(vertex.tobytes())
 
-    return _atomic(path, write)
+    return atomic_write(path, write, make_parents=True)
 
 
 def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:

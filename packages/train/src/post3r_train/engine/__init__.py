@@ -1,7 +1,7 @@
 """The POST3R training engine: a small, plain-PyTorch DDP trainer.
 
 Models implement `TrainModule`; `fit` trains one (one process, or DDP under torchrun /
-`launch_local`), `evaluate` measures a checkpoint. See docs/distributed.md for multi-GPU,
+`launch_local`), `evaluate_checkpoint` measures a checkpoint. See docs/distributed.md for multi-GPU,
 multi-node and SLURM use, preemption and exact resume.
 """
 
@@ -13,17 +13,16 @@ from post3r_train.engine.batches import (
 )
 from post3r_train.engine.checkpoint import (
     CheckpointError,
-    atomic_write,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from post3r_train.engine.config import OptimConfig, TrainerConfig
 from post3r_train.engine.distributed import DistEnv, init_distributed, shutdown_distributed
 from post3r_train.engine.launch import is_worker, launch_local, needs_launch
+from post3r_train.engine.loggers import WandbSettings
 from post3r_train.engine.module import StateDictMismatchError, TrainModule, move_to_device
 from post3r_train.engine.rng import seed_everything
-from post3r_train.engine.rundir import RunDir, WandbSettings
+from post3r_train.engine.rundir import RunDir
 from post3r_train.engine.trainer import (
     CheckpointWriteError,
     FitResult,
@@ -31,7 +30,8 @@ from post3r_train.engine.trainer import (
     Trainer,
     fit,
 )
-from post3r_train.engine.validation import autocast, evaluate, run_validation
+from post3r_train.engine.trainer_config import OptimConfig, TrainerConfig
+from post3r_train.engine.validation import autocast, evaluate_checkpoint, run_validation
 
 __all__ = [
     "KEY_FIELDS",
@@ -50,9 +50,8 @@ __all__ = [
     "TrainerConfig",
     "ValLoaderFactory",
     "WandbSettings",
-    "atomic_write",
     "autocast",
-    "evaluate",
+    "evaluate_checkpoint",
     "find_checkpoint",
     "fit",
     "init_distributed",

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, strict and readable loading.
+"""Training checkpoints: atomic saving, strict and readable loading, finding and pruning.
 
 A checkpoint is a dict written by `torch.save` and read with `weights_only=True` (no code runs
 on load). Writes go to a temporary file in the same directory, are fsync'ed and then renamed
@@ -8,16 +8,15 @@ over the target, so a crash, SIGKILL or full disk leaves the previous file intac
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from post3r_train.atomic import atomic_write, fsync_directory
 
 FORMAT = "post3r-train-checkpoint"
 VERSION = 1
@@ -31,36 +30,6 @@ class CheckpointError(RuntimeError):
 
 def step_checkpoint_name(step: int) -> str:
     return f"step={step:06d}.ckpt"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(file)` so readers see the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide runs from the group
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-
-
-@functools.cache
-def _umask() -> int:
-    """The process umask (read once: reading it means setting it, briefly)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -80,7 +49,7 @@ def publish_as(source: Path, target: Path) -> None:
     try:
         os.link(source, tmp)
         os.replace(tmp, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
     except OSError:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -90,16 +59,6 @@ def publish_as(source: Path, target: Path) -> None:
 def _copy_into(source: Path, file: IO[bytes]) -> None:
     with open(source, "rb") as src:
         shutil.copyfileobj(src, file, length=16 << 20)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename (POSIX); harmless where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

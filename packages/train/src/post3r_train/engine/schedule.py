@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from post3r_train.engine.config import OptimConfig
+from post3r_train.engine.trainer_config import OptimConfig
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:

@@ -42,7 +42,6 @@ from post3r_train.engine.checkpoint import (
     save_checkpoint,
     step_checkpoint_name,
 )
-from post3r_train.engine.config import OptimConfig, TrainerConfig
 from post3r_train.engine.distributed import (
     DistEnv,
     all_gather_objects,
@@ -53,11 +52,13 @@ from post3r_train.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from post3r_train.engine.loggers import RunLogger, WandbSettings
 from post3r_train.engine.module import TrainModule, frozen_names, move_to_device
 from post3r_train.engine.rng import RandomStream, capture_rng, restore_rng, seed_everything
-from post3r_train.engine.rundir import RunDir, RunLogger, WandbSettings, run_dir_of_checkpoint
+from post3r_train.engine.rundir import RunDir, run_dir_of_checkpoint
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
+from post3r_train.engine.trainer_config import OptimConfig, TrainerConfig
 from post3r_train.engine.validation import autocast, run_validation
 
 log = logging.getLogger("post3r_train.engine")

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from post3r_train.engine.batches import ValLoaderFactory, pop_skipped
 from post3r_train.engine.checkpoint import find_checkpoint, load_checkpoint
-from post3r_train.engine.config import TrainerConfig
 from post3r_train.engine.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -25,12 +24,13 @@ from post3r_train.engine.distributed import (
     shutdown_distributed,
 )
 from post3r_train.engine.module import TrainModule, move_to_device
+from post3r_train.engine.trainer_config import TrainerConfig
 
 if TYPE_CHECKING:
     from torchmetrics import MetricCollection
 
 
-def evaluate(
+def evaluate_checkpoint(
     module: TrainModule,
     val_loader: ValLoaderFactory,
     *,

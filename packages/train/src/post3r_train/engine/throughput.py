@@ -1,9 +1,9 @@
 """Engine throughput: steps and samples per second with 1, 2, ... processes (DDP) on CPU or GPU.
 
-    python -m post3r_train.engine.benchmark                 # 1 and 2 CPU processes
-    python -m post3r_train.engine.benchmark --processes 1 2 4 --accelerator gpu
+    python -m post3r_train.engine.throughput                 # 1 and 2 CPU processes
+    python -m post3r_train.engine.throughput --processes 1 2 4 --accelerator gpu
 
-    python -m post3r_train.engine.benchmark --config smoke  # the real model and data
+    python -m post3r_train.engine.throughput --config smoke  # the real model and data
 
 The default workload is a synthetic regression MLP (no data loading), so the figures measure the
 engine: autocast, DDP gradient all-reduce, the per-step collective, logging. `--config` times a
@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
 
 from post3r_train.engine.batches import TrainLoaderFactory, batch_size
-from post3r_train.engine.config import OptimConfig, TrainerConfig
 from post3r_train.engine.launch import launch_local
 from post3r_train.engine.module import TrainModule, move_to_device
 from post3r_train.engine.trainer import fit
+from post3r_train.engine.trainer_config import OptimConfig, TrainerConfig
 
 
 class RegressionMLP(TrainModule):
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             shared = {name: getattr(args, name) for name in SHARED}
             worker = [f"--{k.replace('_', '-')}={v}" for k, v in shared.items() if v is not None]
             worker += ["--worker", f"--nproc={nproc}", f"--out={out}"]
-            if launch_local(nproc, worker, module="post3r_train.engine.benchmark") != 0:
+            if launch_local(nproc, worker, module="post3r_train.engine.throughput") != 0:
                 print(f"engine, {nproc} process(es): failed")
                 continue
             results[nproc] = json.loads((Path(out) / f"p{nproc}.json").read_text())
