@@ -212,13 +212,12 @@ def test_object_point_error_is_zero_for_a_scaled_perfect_prediction():
     masks = torch.nn.functional.one_hot(ids, k).movedim(-1, 2).float()  # slot = object id
     truth = batch["pointmap"]
     slot_points = (2.5 * truth)[:, :, None].expand(-1, -1, k, -1, -1, -1)
-    out = {"pointmap_masks": masks, "pointmap": 2.5 * truth, "slot_pointmaps": slot_points}
-    errors = object_point_errors(out, batch)
+    errors = object_point_errors(2.5 * truth, slot_points, masks, batch)
     assert errors.object_error.shape == (2,)
     torch.testing.assert_close(errors.object_error, torch.zeros(2), atol=1e-5, rtol=0)
-    wrong = dict(out, slot_pointmaps=slot_points.flip(2))  # each object gets another slot's points
-    wrong["slot_pointmaps"] = torch.where(masks[..., None].bool(), 0.0, 2.5 * truth[:, :, None])
-    assert (object_point_errors(wrong, batch).object_error > 0.5).all()
+    # each object gets another slot's points
+    wrong = torch.where(masks[..., None].bool(), 0.0, 2.5 * truth[:, :, None])
+    assert (object_point_errors(2.5 * truth, wrong, masks, batch).object_error > 0.5).all()
 
 
 def _posed_batch(b=1, t=3, size=32):
@@ -250,14 +249,14 @@ def test_camera_frame_decoder_sees_each_frames_own_camera_and_returns_world_poin
     )
     batch, camera_points = _posed_batch()
     out = model(batch)
-    torch.testing.assert_close(out["pointmap_target"], camera_points, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.pointmap.target.points, camera_points, atol=1e-4, rtol=0)
     # A decoder that predicts the camera-frame truth (at half its scale) must come out, after
     # the poses, as the truth in the first camera's frame.
     k = model.num_slots
 
     def perfect(slots, pose=None):
         b, t = slots.shape[:2]
-        points = 0.5 * out["pointmap_target"]
+        points = 0.5 * out.pointmap.target.points
         masks = torch.full((b, t, k, 32, 32), 1.0 / k)
         return PointmapDecoderOutput(
             points, masks, points[:, :, None].expand(-1, -1, k, -1, -1, -1), masks
@@ -268,14 +267,14 @@ def test_camera_frame_decoder_sees_each_frames_own_camera_and_returns_world_poin
     first = torch.linalg.inv(batch["camera_to_world"][:, 0])
     truth = torch.einsum("bij,bthwj->bthwi", first[:, :3, :3], batch["pointmap"])
     truth = truth + first[:, None, None, None, :3, 3]
-    torch.testing.assert_close(out["pointmap"], truth, atol=1e-3, rtol=0)
-    torch.testing.assert_close(out["slot_pointmaps"][:, :, 0], truth, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.pointmap.pointmap, truth, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.pointmap.slot_pointmaps[:, :, 0], truth, atol=1e-3, rtol=0)
     _loss, parts = model.losses(out)
     assert parts["pointmap"] < 1e-4  # scale-invariant: half the scale is still perfect
 
 
 def test_fourier_positions_are_fixed_and_not_checkpointed():
-    from post3r_train.model import fourier_positions
+    from post3r_train.build import fourier_positions
 
     model = build("model.feature_decoder.position_embedding=fourier")
     embed = model.feature_decoder.pos_embed

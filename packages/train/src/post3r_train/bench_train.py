@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from post3r_train.config import load_config, trainer_config
+from post3r_train.config import frame_size, load_config, trainer_config
 from post3r_train.engine.trainer import autocast
-from post3r_train.model import POST3RModel, input_size
+from post3r_train.model import POST3RModel
 
 RANDOM_FROZEN = [
     "model.encoder.pretrained=false",
@@ -62,7 +62,7 @@ def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Te
     identity camera (and, for `model.teacher.name=cached`, the cached teacher's maps at the
     decoder's resolution, as the loader delivers them)."""
     b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
-    h, w = input_size(cfg)
+    h = w = frame_size(cfg)
     if device.type == "meta":
         return _meta_batch(cfg, device)
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Te
 def _meta_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """The same shapes on the meta device (no values): for counting FLOPs."""
     b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
-    h, w = input_size(cfg)
+    h = w = frame_size(cfg)
     dh, dw = cfg.model.decoder_resolution
     shapes = {
         "frames": (b, t, 3, h, w),
@@ -155,7 +155,7 @@ def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> R
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
-    h, w = input_size(cfg)
+    h = w = frame_size(cfg)
     return Result(
         case=case,
         batch=f"{b}x{t}x{h}x{w}",

@@ -418,6 +418,20 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     return path
 
 
+def frame_size(cfg: DictConfig) -> int:
+    """The side of the square frames the model sees: `dataset.image_size`, or the synthetic
+    resolution."""
+    size = cfg.dataset.image_size
+    if size is None and cfg.dataset.name == "synthetic":
+        size = cfg.dataset.synthetic.resolution
+    if size is None:
+        raise ConfigError(
+            f"set dataset.image_size: frames of {cfg.dataset.name} are resized to it "
+            "(518 for DINOv2 ViT-B/14 as in the reference)"
+        )
+    return int(size)
+
+
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
     return OmegaConf.to_object(resolved(cfg).trainer)  # type: ignore[return-value]
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from post3r_train.config import frame_size
+
 log = logging.getLogger("post3r_train")
 
 DEFAULT_DATA_DIR = Path("data")
@@ -128,18 +130,6 @@ class Loaders:
 
     train: Callable[[int], Iterable[dict]]
     val: Callable[[], Iterable[dict]]
-
-
-def frame_size(cfg: DictConfig) -> int:
-    size = cfg.dataset.image_size
-    if size is None and cfg.dataset.name == "synthetic":
-        size = cfg.dataset.synthetic.resolution
-    if size is None:
-        raise ValueError(
-            f"set dataset.image_size: frames of {cfg.dataset.name} are resized to it "
-            "(518 for DINOv2 ViT-B/14 as in the reference)"
-        )
-    return int(size)
 
 
 def build_loaders(cfg: DictConfig, root: Path) -> Loaders:

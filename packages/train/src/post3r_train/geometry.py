@@ -1,4 +1,4 @@
-"""Coordinate frames and 3D accuracy of the per-slot pointmaps."""
+"""Coordinate frames, nearest resizing, and 3D accuracy of the per-slot pointmaps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from post3r_train.batch import Batch
 from post3r_train.teacher import TeacherOutput
 
 
@@ -55,8 +56,12 @@ class PointErrors(NamedTuple):
     scene_weight: Tensor
 
 
-def object_point_errors(out: dict[str, Tensor], batch: dict) -> PointErrors:
-    """3D accuracy against the batch's ground truth (`pointmap`, `segmentations`, and
+def object_point_errors(
+    pointmap: Tensor, slot_pointmaps: Tensor, masks: Tensor, batch: Batch
+) -> PointErrors:
+    """3D accuracy of a composite `pointmap` (B, T, h, w, 3), per-slot `slot_pointmaps`
+    (B, T, K, h, w, 3) and pointmap-decoder `masks` (B, T, K, h, w), all in the clip's first
+    camera frame, against the batch's ground truth (`pointmap`, `segmentations`, and
     `camera_to_world` to move it into the first camera frame) at the decoder's resolution.
 
     Each video gets one scale s = argmin Σ‖s·p − g‖² over its valid pixels. Each ground-truth
@@ -64,16 +69,16 @@ def object_point_errors(out: dict[str, Tensor], batch: dict) -> PointErrors:
     error is the mean distance between that slot's own points and the true points on the
     object's pixels.
     """
-    masks = out["pointmap_masks"].float()  # (B, T, K, h, w)
+    masks = masks.float()
     size = tuple(masks.shape[-2:])
     truth = batch["pointmap"].float()
     if "camera_to_world" in batch:
         truth = transform_points(truth, first_camera_transform(batch["camera_to_world"].float()))
-    truth = _nearest(truth.movedim(-1, 2), size).movedim(2, -1)  # (B, T, h, w, 3)
-    ids = _nearest(batch["segmentations"][:, :, None].float(), size)[:, :, 0].long()
+    truth = resize_nearest(truth.movedim(-1, 2), size).movedim(2, -1)  # (B, T, h, w, 3)
+    ids = resize_nearest(batch["segmentations"][:, :, None].float(), size)[:, :, 0].long()
     valid = torch.isfinite(truth).all(-1)
     truth = truth.nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    composite, slot_points = out["pointmap"].float(), out["slot_pointmaps"].float()
+    composite, slot_points = pointmap.float(), slot_pointmaps.float()
     object_errors, scene_errors = [], []
     for b in range(masks.shape[0]):
         v = valid[b]
@@ -107,8 +112,10 @@ def _with_weights(values: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
     return stacked, torch.ones_like(stacked)
 
 
-def _nearest(x: Tensor, size: tuple[int, ...]) -> Tensor:
+def resize_nearest(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    """(B, T, C, H, W) -> (B, T, C, h, w) by nearest sampling (keeps points on their surface
+    and instance ids whole); float, or `x` itself at the right size already."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    flat = F.interpolate(x.flatten(0, 1), size=size, mode="nearest-exact")
+    flat = F.interpolate(x.flatten(0, 1).float(), size=tuple(size), mode="nearest-exact")
     return flat.unflatten(0, x.shape[:2])

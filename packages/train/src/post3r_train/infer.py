@@ -90,12 +90,12 @@ def run_model(model, frames: torch.Tensor, chunk: int, device: torch.device) -> 
     for start in range(0, len(frames), chunk):
         batch = {"frames": frames[None, start : start + chunk].to(device)}
         out = model(batch, previous_slots=previous, teacher_state=state, targets=False)
-        previous, state = out["predicted_slots"][:, -1], out["teacher_state"]
-        masks = model.image_masks(out, model.image_size)
+        previous, state = out.predicted_slots[:, -1], out.teacher_state
+        masks = model.image_masks(out, model.image_size).by_decoder()
         piece = {f"{key}_image_masks": value[0].cpu() for key, value in masks.items()}
-        if "slot_pointmaps" in out:
-            piece["slot_pointmaps"] = out["slot_pointmaps"][0].cpu()
-            piece["pointmap_masks"] = out["pointmap_masks"][0].cpu()
+        if out.pointmap is not None:
+            piece["slot_pointmaps"] = out.pointmap.slot_pointmaps[0].cpu()
+            piece["pointmap_masks"] = out.pointmap.masks[0].cpu()
         pieces.append(piece)
     return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
 

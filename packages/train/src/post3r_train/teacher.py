@@ -1,12 +1,15 @@
 """3D teachers: where the pointmap targets and camera poses come from.
 
-`DatasetTeacher` reads ground truth from the batch (synthetic shards). `CachedTeacher` reads the
-TTT3R outputs that `apps/cache-teacher` stored once per whole video, delivered by the loader with
-the clip's frames and crop. `TTT3RTeacher` runs the frozen TTT3R backbone online over each clip,
-frame by frame, from a fresh state (reset only before the clip's first frame, fixing POST3R's
-reset-after-frame-0, D2), under the run's autocast (the backbone keeps its heads and state in
-float32 itself). The backbone normalises frames to [-1, 1] itself (D1); the gate is computed per
-sample inside the backbone (D3).
+`GroundTruthTargets` reads ground truth from the batch (synthetic shards;
+`model.teacher.name=dataset`). `CachedTeacher` reads the TTT3R outputs that `apps/cache-teacher`
+stored once per whole video, delivered by the loader with the clip's frames and crop.
+`TTT3RTeacher` runs the frozen TTT3R backbone online over each clip, frame by frame: from a fresh
+state at the clip's first frame, or from the `state` a previous clip of the same video left
+(streaming inference), under the run's autocast (the backbone keeps its heads and state in
+float32 itself). It never resets after the first frame, where the reference reset the state
+after frame 0 and so lost the clip's history. The backbone normalises frames to [-1, 1] itself
+(frames arrive in [0, 1], and nothing else normalises them); its state-update gate is computed
+per sample, so one video in a batch does not steer another's.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ class TeacherOutput(NamedTuple):
 
 
 class MissingTargetError(KeyError):
-    """The batch lacks what the dataset teacher needs."""
+    """The batch lacks the ground truth `GroundTruthTargets` reads."""
 
 
-class DatasetTeacher(nn.Module):
-    """Ground-truth pointmaps and camera-to-world poses from the batch (no confidence)."""
+class GroundTruthTargets(nn.Module):
+    """Ground-truth pointmaps and camera-to-world poses from the batch (no confidence): the
+    teacher of `model.teacher.name=dataset`."""
 
     def forward(self, batch: dict, state: Any = None) -> TeacherOutput:
         missing = [key for key in ("pointmap", "camera_to_world") if key not in batch]
@@ -141,7 +145,8 @@ class TTT3RTeacher(nn.Module):
             size = (self.image_size, self.image_size)
             flat = F.interpolate(frames.flatten(0, 1).float(), size=size, mode="bilinear")
             frames = flat.clamp(0, 1).unflatten(0, (batch_size, time))
-        # A fresh state for every clip: the reset happens before frame 0 and never after it.
+        # state=None starts fresh at frame 0; a given state continues a stream. Either way the
+        # state is never reset after the first frame.
         # The run's autocast applies; the backbone runs its heads and state in float32 itself.
         out, state = self.backbone.forward_video(frames, state=state, outputs=self.outputs)
         grid = None

@@ -6,7 +6,7 @@ All writers are atomic (temporary file in the target folder, then rename).
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -157,25 +157,30 @@ def write_point_clouds(
     return paths
 
 
-def mask_panels(frames: Tensor, masks: dict[str, Tensor]) -> np.ndarray:
+def mask_panels(frames: Tensor, masks: Mapping[str, Tensor]) -> np.ndarray:
     """One video as (T, H', W', 3): per frame the input, then one overlay per decoder."""
     columns = [_to_uint8(frames)] + [overlay(frames, m) for m in masks.values()]
     return _upscale(np.concatenate(columns, axis=2))
 
 
 def write_validation_visuals(
-    batch: dict, outputs: dict, directory: Path, max_videos: int = 4, max_frames: int = 8
+    frames: Tensor,
+    masks: Mapping[str, Tensor],
+    directory: Path,
+    *,
+    slot_pointmaps: Tensor | None = None,
+    pointmap_masks: Tensor | None = None,
+    max_videos: int = 4,
+    max_frames: int = 8,
 ) -> list[Path]:
     """`masks.png` (rows: videos; per frame the input and each decoder's mask overlay),
-    `masks.gif` (the same, animated over time) and per-slot PLY clouds of the first video."""
-    frames = batch["frames"]
+    `masks.gif` (the same, animated over time) and per-slot PLY clouds of the first video.
+
+    frames: (B, T, 3, H, W) in [0, 1] or uint8; masks: {decoder name: (B, T, K, H, W)};
+    slot_pointmaps (B, T, K, h, w, 3) and pointmap_masks (B, T, K, h, w) for the clouds.
+    """
     if frames.dtype == torch.uint8:
         frames = frames.float() / 255
-    masks = {
-        key.removesuffix("_image_masks"): value
-        for key, value in outputs.items()
-        if key.endswith("_image_masks")
-    }
     if not masks:
         return []
     videos = min(max_videos, frames.shape[0])
@@ -188,7 +193,7 @@ def write_validation_visuals(
         [np.concatenate(list(panel[:shown]), axis=1) for panel in panels], axis=0
     )
     paths = [save_png(directory / "masks.png", still), save_gif(directory / "masks.gif", animation)]
-    if "slot_pointmaps" in outputs:
-        clouds = slot_clouds(frames[0], outputs["slot_pointmaps"][0], outputs["pointmap_masks"][0])
+    if slot_pointmaps is not None and pointmap_masks is not None:
+        clouds = slot_clouds(frames[0], slot_pointmaps[0], pointmap_masks[0])
         paths += write_point_clouds(directory, "video0", clouds)
     return paths

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,28 +26,30 @@ class StateDictMismatchError(ValueError):
 class TrainModule(nn.Module):
     """Base class for what the engine trains.
 
-    Batches are dicts; the engine moves their tensors to the device (other values are left
-    alone) and runs the steps under autocast. `training_step` runs through DDP's forward, so
-    every trainable parameter must receive a gradient each step (or set
-    `trainer.find_unused_parameters=true`).
+    Batches are dicts (a model may type them as a TypedDict); the engine moves their tensors
+    to the device (other values are left alone) and runs the steps under autocast.
+    `training_step` runs through DDP's forward, so every trainable parameter must receive a
+    gradient each step (or set `trainer.find_unused_parameters=true`).
     """
 
-    def training_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss (already the weighted sum) and detached scalar parts for logging."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
-    def validation_step(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
-        """Run the model on a validation batch, update `metrics`, return outputs to visualise."""
+    def validation_step(self, batch: Any, metrics: MetricCollection) -> Any:
+        """Run the model on a validation batch, update `metrics`, return what `visualize`
+        takes (the engine only passes it on)."""
         raise NotImplementedError(f"{type(self).__name__} must implement validation_step")
 
     def make_metrics(self) -> MetricCollection:
         """Fresh validation metrics whose states are sums and counts (they sync over DDP)."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_metrics")
 
-    def visualize(self, batch: dict, outputs: dict, directory: Path) -> None:
+    def visualize(self, batch: Any, outputs: Any, directory: Path, step: int | None) -> None:
         """Write images/videos/point clouds for one validation batch into `directory`.
 
-        Called on rank 0 for the first validation batch of every validation. Default: nothing.
+        Called on rank 0 for the first validation batch of every validation, with the training
+        step it belongs to (None outside training: an evaluation). Default: nothing.
         """
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

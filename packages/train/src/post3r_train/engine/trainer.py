@@ -498,6 +498,7 @@ class Trainer:
             precision=self.precision,
             limit=self.cfg.limit_val_batches,
             visualize_dir=visuals,
+            step=self.step,
             progress=self.cfg.progress_bar and self.env.is_main,
         )
         values["val/data_skipped"] = float(skipped)

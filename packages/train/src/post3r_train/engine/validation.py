@@ -78,12 +78,14 @@ def run_validation(
     precision: str = "32",
     limit: int | None = None,
     visualize_dir: Path | None = None,
+    step: int | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Metrics over every rank's validation shard, and the number of corrupt samples skipped.
 
     The batch loop has no collective, so ranks may hold different numbers of batches;
-    `compute` (a collective) then runs once on every rank.
+    `compute` (a collective) then runs once on every rank. `step`: the training step the
+    visuals in `visualize_dir` belong to (None in an evaluation).
     """
     was_training = module.training
     module.eval()
@@ -100,7 +102,7 @@ def run_validation(
             outputs = module.validation_step(batch, metrics)
             if index == 0 and visualize_dir is not None:
                 visualize_dir.mkdir(parents=True, exist_ok=True)
-                module.visualize(batch, outputs, visualize_dir)
+                module.visualize(batch, outputs, visualize_dir, step)
     bar.close()
     skipped += int(getattr(batches, "num_skipped", 0) or 0)  # post3r_data's loaders count too
     values = compute_metrics(metrics)
