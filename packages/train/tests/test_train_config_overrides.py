@@ -23,6 +23,16 @@ def test_every_shipped_config_loads(name):
     optim_config(cfg).validate()
 
 
+def test_named_configs_are_package_data_so_an_installed_wheel_finds_them():
+    import post3r_train
+    from post3r_train.config import resolve_config_path
+
+    package = Path(post3r_train.__file__).parent
+    assert {"default", "smoke", "ytvis2021"} <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    for name in ("default", "ytvis2021"):
+        assert resolve_config_path(name).parent == package / "configs"
+
+
 def test_original_keys_override_nested_values():
     cfg = load_config(
         "smoke",

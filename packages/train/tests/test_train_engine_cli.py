@@ -21,7 +21,7 @@ SHARD_INVARIANT = ("ari", "image_ari", "mbo", "loss_feature", "loss_pointmap", "
 def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None:
     from post3r_train.cli import main
     from post3r_train.config import load_config
-    from post3r_train.data import build_loaders, prepare_data
+    from post3r_train.data import build_val_loader, prepare_data
     from post3r_train.model import POST3RModel
 
     data, logs = tmp_path / "data", tmp_path / "logs"
@@ -44,6 +44,6 @@ def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None
     assert set(saved["model"]) == set(model.trainable_state_dict())
     assert not set(saved["model"]) & frozen_names(model)  # no frozen weights saved
 
-    single = evaluate_checkpoint(model, build_loaders(cfg, prepare_data(cfg)).val, checkpoint=run)
+    single = evaluate_checkpoint(model, build_val_loader(cfg, prepare_data(cfg)), checkpoint=run)
     for name in SHARD_INVARIANT:
         assert single[f"val/{name}"] == pytest.approx(float(logged[f"val/{name}"]), rel=1e-3)

@@ -19,7 +19,7 @@ from post3r_data.synth import main as synth_main
 from post3r_data.teacher_cache import read_sidecar, record_path
 from post3r_train import evaluate, teacher_cache
 from post3r_train.config import load_config
-from post3r_train.data import build_loaders
+from post3r_train.data import build_train_loader, checkpoint_aligned_epoch
 from post3r_train.geometry import to_first_camera
 from post3r_train.model import POST3RModel
 from post3r_train.teacher import TeacherOutput, TTT3RTeacher
@@ -94,7 +94,8 @@ def test_cached_targets_equal_the_online_backbone_over_the_whole_video(built):
 def test_training_clips_carry_the_cached_targets_in_the_clips_first_camera(built):
     cfg = config(built, "dataset.batch_size=4")
     model = POST3RModel.from_config(cfg)
-    batch = next(iter(build_loaders(cfg, built / "data").train(0)))
+    epoch = checkpoint_aligned_epoch(cfg)
+    batch = next(iter(build_train_loader(cfg, built / "data", batches_per_epoch=epoch)(0)))
     batch["frames"] = batch["frames"].float() / 255
     teacher = model._teacher(batch, None, True)
     backbone = online_backbone()

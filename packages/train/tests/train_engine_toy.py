@@ -169,35 +169,26 @@ def val_stream(rank: int, world: int, size: int, batch_size: int = 2):
     return factory
 
 
-def shard_stream(directory: Path, batch_size: int, as_attribute: bool = False):
-    """Batches read from `shard-*.npy` files; unreadable shards are skipped and counted.
-
-    The count is reported like a data pipeline would: in each batch's `__skipped__` entry, or
-    (`as_attribute`) as the loader's cumulative `num_skipped`, as post3r_data's loaders do.
-    """
+def shard_stream(directory: Path, batch_size: int):
+    """Batches read from `shard-*.npy` files; unreadable shards are skipped and counted in the
+    loader's cumulative `num_skipped`, as post3r_data's loaders do."""
 
     class ShardLoader:
         def __init__(self, start: int) -> None:
             self.start, self.num_skipped = start, 0
 
         def __iter__(self) -> Iterator[dict]:
-            position, pending = 0, 0
+            position = 0
             while True:
                 for path in sorted(Path(directory).glob("shard-*.npy")):
                     try:
                         indices = np.load(path).tolist()
                     except (ValueError, OSError, EOFError):
-                        if as_attribute:
-                            self.num_skipped += 1
-                        else:
-                            pending += 1
+                        self.num_skipped += 1
                         continue
                     for first in range(0, len(indices), batch_size):
                         if position >= self.start:
-                            batch = make_batch(indices[first : first + batch_size])
-                            if not as_attribute:
-                                batch["__skipped__"], pending = pending, 0
-                            yield batch
+                            yield make_batch(indices[first : first + batch_size])
                         position += 1
 
     return ShardLoader

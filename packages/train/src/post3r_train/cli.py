@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     from post3r_train import engine
-    from post3r_train.data import build_loaders, prepare_data
+    from post3r_train.data import build_loaders, checkpoint_aligned_epoch, prepare_data
     from post3r_train.model import POST3RModel
     from post3r_train.teacher_cache import check_run_cache
 
@@ -154,7 +154,7 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
         config = str(_run_config_of(args.resume) or "") or None
     check_run_cache(cfg, root, config, overrides)  # before anything is built or trained
     model = POST3RModel.from_config(cfg)
-    loaders = build_loaders(cfg, root)
+    loaders = build_loaders(cfg, root, batches_per_epoch=checkpoint_aligned_epoch(cfg))
     if args.dry:
         return dry_run(model, loaders.train(0), cfg)
     wandb = None

@@ -20,7 +20,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from post3r_train.engine import OptimConfig, TrainerConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
+CONFIG_DIR = Path(__file__).with_name("configs")
+"""The configs a run can name (`default`, `smoke`, `ytvis2021`): package data, so they are in
+the wheel too; the repository's top-level `configs/` links here."""
 ENCODERS = ("patch", "dinov2", "ttt3r")
 TEACHERS = ("dataset", "ttt3r", "cached", "none")
 UPDATE_RULES = ("ttt3r", "cut3r")
@@ -243,7 +245,8 @@ class RunConfig:
 
 
 def resolve_config_path(name: str | os.PathLike | None) -> Path:
-    """A config given as a path, or as a name in configs/ (`smoke`, `ytvis2021.yaml`)."""
+    """A config given as a path, or as the name of one of post3r_train's configs (`smoke`,
+    `ytvis2021.yaml`; see `CONFIG_DIR`)."""
     if name is None:
         name = "default"
     path = Path(name)

@@ -3,7 +3,8 @@
 `prepare_data(cfg)` returns the shard directory, generating the synthetic dataset there first
 when `dataset.name=synthetic` and it is missing or unfinished (finished shards are kept, so an
 interrupted generation resumes; a file lock keeps concurrent processes from racing).
-`build_loaders(cfg, root)` wraps post3r_data's WebDataset loaders as the engine's factories.
+`build_loaders(cfg, root, batches_per_epoch=...)` wraps post3r_data's WebDataset loaders as the
+engine's factories (`build_train_loader`, `build_val_loader` each on its own).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from post3r_train.config import frame_size
+
+if TYPE_CHECKING:  # post3r_data is imported when data is needed
+    from post3r_data.teacher_cache import TeacherCacheSpec
 
 log = logging.getLogger("post3r_train")
 
@@ -132,53 +136,89 @@ class Loaders:
     val: Callable[[], Iterable[dict]]
 
 
-def build_loaders(cfg: DictConfig, root: Path) -> Loaders:
-    """Loaders over `<root>/<dataset.name>-{train,validation}-NNNNNN.tar`; with
+def checkpoint_aligned_epoch(cfg: DictConfig) -> int:
+    """Batches per loader epoch such that every checkpoint falls on an epoch boundary
+    (`trainer.checkpoint_every_n_steps` x `trainer.accumulate_grad_batches`): a resumed run's
+    loader then starts an epoch directly instead of reading and discarding the clips already
+    consumed (see post3r_data's `make_train_loader`)."""
+    return cfg.trainer.checkpoint_every_n_steps * cfg.trainer.accumulate_grad_batches
+
+
+def build_loaders(cfg: DictConfig, root: Path, *, batches_per_epoch: int) -> Loaders:
+    """Loaders over `<root>/<dataset.name>-{train,validation}-NNNNNN.tar`; the training stream
+    has epochs of `batches_per_epoch` batches (e.g. `checkpoint_aligned_epoch(cfg)`). With
     `model.teacher.name=cached` they also deliver the teacher cache's maps at the pointmap
     decoder's resolution (check the cache first: `teacher_cache.check_teacher_cache`)."""
-    from post3r_data import find_shards, make_train_loader, make_val_loader
-    from post3r_data.teacher_cache import TeacherCacheSpec
+    return Loaders(
+        build_train_loader(cfg, root, batches_per_epoch=batches_per_epoch),
+        build_val_loader(cfg, root),
+    )
+
+
+def build_train_loader(
+    cfg: DictConfig, root: Path, *, batches_per_epoch: int
+) -> Callable[[int], Iterable[dict]]:
+    """`train(start)`: this rank's training batches from `<root>/<dataset.name>-train-*.tar`,
+    from batch `start` on, in loader epochs of `batches_per_epoch` batches."""
+    from post3r_data import find_shards, make_train_loader
 
     d = cfg.dataset
-    train_shards = find_shards(root, d.name, "train")
-    val_shards = find_shards(root, d.name, "validation")
+    shards = find_shards(root, d.name, "train")
     size = frame_size(cfg)
-    # One loader "epoch" per checkpoint interval: resuming from a checkpoint starts an epoch.
-    epoch = cfg.trainer.checkpoint_every_n_steps * cfg.trainer.accumulate_grad_batches
     pin = cfg.trainer.accelerator != "cpu"
-    teacher = None
-    if cfg.model.teacher.name == "cached":
-        from post3r_train.teacher_cache import cache_dir
-
-        resolution = tuple(int(x) for x in cfg.model.decoder_resolution)
-        teacher = TeacherCacheSpec(cache_dir(cfg, root), resolution)
+    teacher = teacher_cache_spec(cfg, root)
 
     def train(start: int) -> Iterable[dict]:
         return make_train_loader(
-            train_shards,
+            shards,
             batch_size=d.batch_size,
             chunk_size=d.chunk_size,
             resolution=size,
             num_workers=d.num_workers,
             seed=cfg.seed,
             start_step=start,
-            steps_per_epoch=epoch,
+            steps_per_epoch=batches_per_epoch,
             shuffle_buffer=d.shuffle_buffer,
             frames_dtype=torch.uint8,
             pin_memory=pin,
             teacher_cache=teacher,
         )
 
+    return train
+
+
+def build_val_loader(cfg: DictConfig, root: Path) -> Callable[[], Iterable[dict]]:
+    """`val()`: this rank's share of `<root>/<dataset.name>-validation-*.tar`."""
+    from post3r_data import find_shards, make_val_loader
+
+    d = cfg.dataset
+    shards = find_shards(root, d.name, "validation")
+    size = frame_size(cfg)
+    pin = cfg.trainer.accelerator != "cpu"
+    teacher = teacher_cache_spec(cfg, root)
+
     def val() -> Iterable[dict]:
         return make_val_loader(
-            val_shards,
+            shards,
             resolution=size,
             batch_size=d.val_batch_size,
             chunk_size=d.val_chunk_size,
-            num_workers=min(d.num_workers, len(val_shards)),
+            num_workers=min(d.num_workers, len(shards)),
             frames_dtype=torch.uint8,
             pin_memory=pin,
             teacher_cache=teacher,
         )
 
-    return Loaders(train, val)
+    return val
+
+
+def teacher_cache_spec(cfg: DictConfig, root: Path) -> TeacherCacheSpec | None:
+    """Where the loaders read the cached teacher's maps (`model.teacher.name=cached`), at the
+    pointmap decoder's resolution; None for the other teachers."""
+    if cfg.model.teacher.name != "cached":
+        return None
+    from post3r_data.teacher_cache import TeacherCacheSpec
+    from post3r_train.teacher_cache import cache_dir
+
+    resolution = tuple(int(x) for x in cfg.model.decoder_resolution)
+    return TeacherCacheSpec(cache_dir(cfg, root), resolution)

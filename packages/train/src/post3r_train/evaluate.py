@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     from post3r_train import engine
-    from post3r_train.data import build_loaders, prepare_data
+    from post3r_train.data import build_val_loader, prepare_data
     from post3r_train.runs import load_run, run_config_path
     from post3r_train.teacher_cache import check_run_cache
 
@@ -66,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = prepare_data(cfg)
         config = args.config or str(run_config_path(args.run))
         check_run_cache(cfg, root, config, args.overrides)
-        loaders = build_loaders(cfg, root)
+        val_loader = build_val_loader(cfg, root)
         metrics = engine.evaluate_checkpoint(
-            model, loaders.val, trainer=trainer_config(cfg), visualize_dir=args.visualize
+            model, val_loader, trainer=trainer_config(cfg), visualize_dir=args.visualize
         )
     except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,7 +7,6 @@ multi-node and SLURM use, preemption and exact resume.
 
 from post3r_train.engine.batches import (
     KEY_FIELDS,
-    SKIPPED_KEY,
     TrainLoaderFactory,
     ValLoaderFactory,
 )
@@ -35,7 +34,6 @@ from post3r_train.engine.validation import autocast, evaluate_checkpoint, run_va
 
 __all__ = [
     "KEY_FIELDS",
-    "SKIPPED_KEY",
     "CheckpointError",
     "CheckpointWriteError",
     "DistEnv",

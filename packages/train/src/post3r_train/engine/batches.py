@@ -2,16 +2,16 @@
 
 `train_loader(start)` yields this rank's training batches from position `start` (batches
 consumed) on; `val_loader()` yields this rank's share of the validation set. Batches are dicts;
-besides tensors they may carry sample keys (`KEY_FIELDS`, named when a loss is not finite) and a
-count of corrupt samples the pipeline skipped (`SKIPPED_KEY`, or a loader's `num_skipped`).
+besides tensors they may carry sample keys (`KEY_FIELDS`, named when a loss is not finite). A
+loader that skips corrupt samples says how many through one channel: its cumulative
+`num_skipped` (`CountsSkipped`, as post3r_data's loaders).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from post3r_train.engine.rng import RandomStream
@@ -21,11 +21,21 @@ TrainLoaderFactory = Callable[[int], Iterable[dict]]
 ValLoaderFactory = Callable[[], Iterable[dict]]
 """`factory()`: this rank's share of the validation set (disjoint across ranks)."""
 
-SKIPPED_KEY = "__skipped__"
-"""Batch entry: corrupt samples/shards the data pipeline skipped while producing this batch.
-(A loader object with a cumulative `num_skipped` attribute, as post3r_data's, is read too.)"""
 KEY_FIELDS = ("__key__", "key", "keys", "video_id", "video_ids")
 """Batch entries that name the samples (reported when a loss is not finite)."""
+
+
+@runtime_checkable
+class CountsSkipped(Protocol):
+    """A loader that counts the corrupt samples it skipped (since it was made)."""
+
+    @property
+    def num_skipped(self) -> int: ...
+
+
+def skipped_count(loader: object) -> int:
+    """The loader's `num_skipped`, or 0 for a loader that does not count."""
+    return int(loader.num_skipped or 0) if isinstance(loader, CountsSkipped) else 0
 
 
 class BatchStream:
@@ -65,17 +75,10 @@ class BatchStream:
 
     def skipped(self) -> int:
         """Corrupt samples the loader counted (`num_skipped`) since the last call."""
-        total = int(getattr(self._loader, "num_skipped", 0) or 0)
+        total = skipped_count(self._loader)
         new = total - self._counted + self._skipped_before
         self._counted, self._skipped_before = total, 0
         return new
-
-
-def pop_skipped(batch: Any) -> int:
-    """Remove and return the batch's `SKIPPED_KEY` count (0 when absent)."""
-    if isinstance(batch, dict) and SKIPPED_KEY in batch:
-        return int(torch.as_tensor(batch.pop(SKIPPED_KEY)).sum())
-    return 0
 
 
 def batch_keys(batch: Any) -> list[Any]:

@@ -74,12 +74,15 @@ def workload(args: argparse.Namespace) -> tuple[TrainModule, TrainLoaderFactory]
             args.width, args.batch_size, seed=start + _rank()
         )
     from post3r_train.config import load_config
-    from post3r_train.data import build_loaders, prepare_data
+    from post3r_train.data import build_train_loader, checkpoint_aligned_epoch, prepare_data
     from post3r_train.model import POST3RModel
 
     cfg = load_config(args.config, [f"trainer.accelerator={args.accelerator}"])
     torch.manual_seed(cfg.seed)
-    return POST3RModel.from_config(cfg), build_loaders(cfg, prepare_data(cfg)).train
+    epoch = checkpoint_aligned_epoch(cfg)
+    return POST3RModel.from_config(cfg), build_train_loader(
+        cfg, prepare_data(cfg), batches_per_epoch=epoch
+    )
 
 
 def run_worker(args: argparse.Namespace) -> None:

@@ -31,7 +31,6 @@ from post3r_train.engine.batches import (
     ValLoaderFactory,
     batch_keys,
     batch_size,
-    pop_skipped,
 )
 from post3r_train.engine.checkpoint import (
     LAST,
@@ -100,6 +99,14 @@ class _LocalStep:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to continue from: its file (named in errors) and what it holds."""
+
+    path: Path
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class _StepStats:
     """A step as every rank sees it: figures averaged (counts summed) over ranks."""
 
@@ -144,12 +151,12 @@ def fit(
     env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
     run = logger = engine = None
     try:
-        run, payload = _open_run(env, log_dir, experiment, resume)
+        run, start = _open_run(env, log_dir, experiment, resume)
         if run is not None and env.is_main:
-            resume_step = None if payload is None else int(payload["step"])
+            resume_step = None if start is None else int(start.payload["step"])
             logger = RunLogger.start(run, config, resume_step, tensorboard=tensorboard, wandb=wandb)
         engine = Trainer(module, trainer, optim, env=env, run=run, logger=logger, seed=seed)
-        return engine.fit(train_loader, val_loader, payload)
+        return engine.fit(train_loader, val_loader, start)
     except BaseException:
         if run is not None:
             run.record_failure(env.rank, None if engine is None else engine.step)
@@ -284,11 +291,12 @@ class Trainer:
         self,
         train_loader: TrainLoaderFactory,
         val_loader: ValLoaderFactory | None = None,
-        payload: Mapping[str, Any] | None = None,
+        resume: ResumePoint | None = None,
     ) -> FitResult:
         """Train until `trainer.max_steps`, a preemption signal or `trainer.max_time`."""
-        if payload is not None:
-            self.restore(payload, payload.get("_source", "checkpoint"))
+        payload = None if resume is None else resume.payload
+        if resume is not None:
+            self.restore(resume.payload, str(resume.path))
         check_ranks_agree(self.step, "the step to start from", self.env)
         self._seed(payload)
         stream = BatchStream(train_loader, self.data_position, self.data_rng)
@@ -356,7 +364,6 @@ class Trainer:
         local = _LocalStep(loss=torch.zeros((), device=self.env.device))
         for index in range(accumulate):
             batch = stream.next()
-            local.skipped += pop_skipped(batch)
             local.keys.extend(batch_keys(batch))
             local.samples += batch_size(batch)
             batch = move_to_device(batch, self.env.device)
@@ -623,20 +630,19 @@ def _past(deadline: float | None) -> bool:
 
 def _open_run(
     env: DistEnv, log_dir: Path | str | None, experiment: str, resume: Path | str | None
-) -> tuple[RunDir | None, dict[str, Any] | None]:
+) -> tuple[RunDir | None, ResumePoint | None]:
     """The run directory (created by rank 0, shared by path) and the checkpoint to resume."""
-    payload, run = None, None
+    start, run = None, None
     if resume is not None:
         path = find_checkpoint(Path(resume))
-        payload = load_checkpoint(path)
-        payload["_source"] = str(path)
+        start = ResumePoint(path, load_checkpoint(path))
         run = run_dir_of_checkpoint(path)
         if env.is_main:
-            log.info("resuming from %s (step %d)", path, payload["step"])
+            log.info("resuming from %s (step %d)", path, start.payload["step"])
     if run is None and log_dir is not None:
         root = RunDir.create(Path(log_dir), experiment).root if env.is_main else None
         run = RunDir(Path(broadcast_object(root, env)))
-    return run, payload
+    return run, start
 
 
 def _check_loss(loss: Any, module: nn.Module) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from post3r_train.engine.batches import ValLoaderFactory, pop_skipped
+from post3r_train.engine.batches import ValLoaderFactory, skipped_count
 from post3r_train.engine.checkpoint import find_checkpoint, load_checkpoint
 from post3r_train.engine.distributed import (
     DistEnv,
@@ -90,21 +90,19 @@ def run_validation(
     was_training = module.training
     module.eval()
     metrics.reset()
-    skipped = 0
     batches = val_loader()
     bar = tqdm(batches, desc="validate", leave=False, disable=not progress, dynamic_ncols=True)
     with torch.no_grad(), autocast(env.device, precision):
         for index, batch in enumerate(bar):
             if limit is not None and index >= limit:
                 break
-            skipped += pop_skipped(batch)
             batch = move_to_device(batch, env.device)
             outputs = module.validation_step(batch, metrics)
             if index == 0 and visualize_dir is not None:
                 visualize_dir.mkdir(parents=True, exist_ok=True)
                 module.visualize(batch, outputs, visualize_dir, step)
     bar.close()
-    skipped += int(getattr(batches, "num_skipped", 0) or 0)  # post3r_data's loaders count too
+    skipped = skipped_count(batches)
     values = compute_metrics(metrics)
     skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=env.device), env).item())
     module.train(was_training)
