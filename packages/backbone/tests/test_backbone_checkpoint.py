@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from post3r_backbone import (
     TTT3R,
-    CheckpointError,
-    CheckpointNotFoundError,
+    TTT3RCheckpointError,
+    TTT3RCheckpointNotFoundError,
     TTT3RConfig,
     load_checkpoint,
     read_original_checkpoint,
@@ -137,7 +137,7 @@ def test_wrong_checkpoints_list_missing_unexpected_and_misshaped_keys(tiny_model
         state["pose_token"] = torch.zeros(1, 1, 65)
 
     path = _save_with(tiny_model, tmp_path / "broken.pth", break_it)
-    with pytest.raises(CheckpointError) as error:
+    with pytest.raises(TTT3RCheckpointError) as error:
         load_checkpoint(path)
     message = str(error.value)
     assert "1 missing keys:\n    enc_norm.weight" in message
@@ -149,12 +149,12 @@ def test_wrong_checkpoints_list_missing_unexpected_and_misshaped_keys(tiny_model
 def test_checkpoint_for_another_architecture_is_refused(tiny_model, tmp_path):
     path = tmp_path / "model.pth"
     save_original_checkpoint(tiny_model, path)
-    with pytest.raises(CheckpointError, match=r"missing keys|mis-shaped keys"):
+    with pytest.raises(TTT3RCheckpointError, match=r"missing keys|mis-shaped keys"):
         load_checkpoint(path, config=TTT3RConfig.preset("tiny", enc_depth=3))
 
 
 def test_missing_file_says_where_the_checkpoint_comes_from(tmp_path):
-    with pytest.raises(CheckpointNotFoundError) as error:
+    with pytest.raises(TTT3RCheckpointNotFoundError) as error:
         load_checkpoint(tmp_path / "cut3r_512_dpt_4_64.pth")
     message = str(error.value)
     assert "cut3r_512_dpt_4_64.pth" in message and "CUT3R" in message
@@ -164,13 +164,15 @@ def test_missing_file_says_where_the_checkpoint_comes_from(tmp_path):
 def test_unreadable_and_incomplete_files_get_clear_errors(tiny_model, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(TTT3RCheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(garbage)
     whole = tmp_path / "whole.pth"
     save_original_checkpoint(tiny_model, whole)
     truncated = tmp_path / "truncated.pth"  # an interrupted download
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint.*fetch it again"):
+    with pytest.raises(
+        TTT3RCheckpointError, match=r"not a readable PyTorch checkpoint.*fetch it again"
+    ):
         load_checkpoint(truncated)
     corrupt = tmp_path / "corrupt.pth"  # a valid zip whose pickle is cut short
     with zipfile.ZipFile(whole) as source, zipfile.ZipFile(corrupt, "w") as target:
@@ -179,20 +181,20 @@ def test_unreadable_and_incomplete_files_get_clear_errors(tiny_model, tmp_path):
             target.writestr(
                 item, data[: len(data) // 3] if item.filename.endswith(".pkl") else data
             )
-    with pytest.raises(CheckpointError, match="UnpicklingError"):
+    with pytest.raises(TTT3RCheckpointError, match="UnpicklingError"):
         load_checkpoint(corrupt)
     no_args = tmp_path / "no_args.pth"
     torch.save({"model": tiny_model.state_dict()}, no_args)
-    with pytest.raises(CheckpointError, match="no model constructor string"):
+    with pytest.raises(TTT3RCheckpointError, match="no model constructor string"):
         load_checkpoint(no_args)
     assert load_checkpoint(no_args, config=tiny_model.config).config == tiny_model.config
     plain = tmp_path / "plain.pth"
     torch.save(tiny_model.state_dict(), plain)
-    with pytest.raises(CheckpointError, match="no 'model' state dict"):
+    with pytest.raises(TTT3RCheckpointError, match="no 'model' state dict"):
         load_checkpoint(plain)
     bare = tmp_path / "bare.safetensors"
     save_file({"x": torch.zeros(1)}, bare)
-    with pytest.raises(CheckpointError, match="metadata"):
+    with pytest.raises(TTT3RCheckpointError, match="metadata"):
         load_checkpoint(bare)
 
 

@@ -9,8 +9,8 @@ import torch
 
 from post3r_backbone import (
     TTT3R,
-    ConfigError,
     TTT3RConfig,
+    TTT3RConfigError,
     config_from_constructor_string,
     parse_constructor_string,
 )
@@ -60,12 +60,12 @@ def test_parser_evaluates_nothing():
         ("ARCroco3DStereoConfig(norm_layer=partial(nn.LayerNorm, eps=1e-6))", "partial"),
         ("ARCroco3DStereo(ARCroco3DStereoConfig(state_size=2**10))", "2**10"),
     ]:
-        with pytest.raises(ConfigError, match="unsupported expression") as error:
+        with pytest.raises(TTT3RConfigError, match="unsupported expression") as error:
             parse_constructor_string(text)
         assert offending in str(error.value)
-    with pytest.raises(ConfigError, match="expected ARCroco3DStereo"):
+    with pytest.raises(TTT3RConfigError, match="expected ARCroco3DStereo"):
         parse_constructor_string("os.system('ls')")
-    with pytest.raises(ConfigError, match="syntax"):
+    with pytest.raises(TTT3RConfigError, match="syntax"):
         parse_constructor_string("ARCroco3DStereo(")
 
 
@@ -78,14 +78,14 @@ def test_parser_accepts_literal_forms():
 
 
 def test_unknown_keys_are_rejected_with_a_suggestion():
-    with pytest.raises(ConfigError, match="did you mean 'state_size'"):
+    with pytest.raises(TTT3RConfigError, match="did you mean 'state_size'"):
         TTT3RConfig.preset("tiny", state_sise=8)
-    with pytest.raises(ConfigError, match="unknown TTT3R config key 'norm_layer'"):
+    with pytest.raises(TTT3RConfigError, match="unknown TTT3R config key 'norm_layer'"):
         config_from_constructor_string(
             "ARCroco3DStereoConfig(norm_layer=1, output_mode='pts3d+pose', pose_head=True, "
             "pos_embed='RoPE100')"
         )
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(TTT3RConfigError, match="unknown preset"):
         TTT3RConfig.preset("huge")
 
 
@@ -108,7 +108,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion():
     ],
 )
 def test_invalid_values_are_rejected(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TTT3RConfigError, match=message):
         TTT3RConfig.preset("tiny", **overrides)
 
 
@@ -133,5 +133,5 @@ def test_update_rule_is_switchable_and_checked():
     assert model.update_rule == "ttt3r"
     model.update_rule = "cut3r"
     assert model.config.model_update_type == "cut3r"
-    with pytest.raises(ConfigError):
+    with pytest.raises(TTT3RConfigError):
         model.update_rule = "average"

@@ -7,7 +7,7 @@ from post3r_slots import (
     CarryOverInit,
     FixedLearnedInit,
     GaussianInit,
-    RecurrentSlotDecoder,
+    RecurrentSlotCorrector,
     SlotAttention,
     SlotVideoProcessor,
     TransformerPredictor,
@@ -192,8 +192,15 @@ def test_grid_positions():
     assert patch_grid_positions(2, 3).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
 
 
+def test_old_recurrent_slot_decoder_name_still_works_with_a_warning():
+    import post3r_slots
+
+    with pytest.warns(DeprecationWarning, match="RecurrentSlotCorrector"):
+        assert post3r_slots.RecurrentSlotDecoder is RecurrentSlotCorrector
+
+
 def test_recurrent_slot_decoder_gate_and_positions():
-    decoder = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2)
+    decoder = RecurrentSlotCorrector(D, 32, num_blocks=2, num_heads=2)
     slots, features = torch.randn(2, 3, 32), torch.randn(2, 12, D)
     with pytest.raises(ValueError, match="grid_size"):
         decoder(slots, features)
@@ -205,7 +212,7 @@ def test_recurrent_slot_decoder_gate_and_positions():
     later = decoder(slots, features, positions=positions)
     gate = later.gate[..., None]
     torch.testing.assert_close(later.slots, gate * first.slots + (1 - gate) * slots)
-    gridded = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2, grid_size=(3, 4))
+    gridded = RecurrentSlotCorrector(D, 32, num_blocks=2, num_heads=2, grid_size=(3, 4))
     gridded.load_state_dict(decoder.state_dict())
     torch.testing.assert_close(gridded(slots, features).slots, later.slots)
 
@@ -213,7 +220,7 @@ def test_recurrent_slot_decoder_gate_and_positions():
 def test_recurrent_decoder_sees_patches_through_their_rope_positions():
     # Patches are a set located by their positions: moving features together with positions
     # changes nothing (masks follow the patches), moving features alone changes the slots.
-    decoder = RecurrentSlotDecoder(D, 32, num_blocks=2, num_heads=2)
+    decoder = RecurrentSlotCorrector(D, 32, num_blocks=2, num_heads=2)
     slots, features = torch.randn(1, 3, 32), torch.randn(1, 12, D)
     positions = patch_grid_positions(3, 4)[None]
     order = torch.randperm(12)
@@ -229,14 +236,14 @@ def test_recurrent_decoder_sees_patches_through_their_rope_positions():
 def test_recurrent_decoder_detach_gate_stops_gradients_through_the_gate():
     slots, features = torch.randn(1, 2, 32), torch.randn(1, 4, D)
     for detach in (False, True):
-        decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2, detach_gate=detach)
+        decoder = RecurrentSlotCorrector(D, 32, num_blocks=1, num_heads=2, detach_gate=detach)
         out = decoder(slots, features)
         assert out.gate.requires_grad != detach
         assert out.slots.requires_grad  # the blocks still train
 
 
 def test_recurrent_gate_is_computed_per_sample():
-    decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2)
+    decoder = RecurrentSlotCorrector(D, 32, num_blocks=1, num_heads=2)
     slots, features = torch.randn(3, 2, 32), torch.randn(3, 16, D)
     together = decoder(slots, features)
     alone = decoder(slots[1:2], features[1:2])
@@ -246,8 +253,8 @@ def test_recurrent_gate_is_computed_per_sample():
 
 def test_recurrent_decoder_rejects_bad_heads_and_positions():
     with pytest.raises(ValueError, match="multiple of 4"):
-        RecurrentSlotDecoder(D, 24, num_heads=4)
-    decoder = RecurrentSlotDecoder(D, 32, num_heads=2)
+        RecurrentSlotCorrector(D, 24, num_heads=4)
+    decoder = RecurrentSlotCorrector(D, 32, num_heads=2)
     with pytest.raises(ValueError, match="integer tensor"):
         decoder(torch.randn(1, 2, 32), torch.randn(1, 4, D), positions=torch.zeros(1, 4, 2))
 
@@ -304,7 +311,7 @@ def test_processor_detach_between_frames_cuts_gradients_to_earlier_frames():
 
 
 def test_processor_with_recurrent_decoder_and_positions():
-    decoder = RecurrentSlotDecoder(D, 32, num_blocks=1, num_heads=2)
+    decoder = RecurrentSlotCorrector(D, 32, num_blocks=1, num_heads=2)
     processor = SlotVideoProcessor(FixedLearnedInit(3, 32), decoder)
     features = torch.randn(2, 2, 6, D)
     positions = patch_grid_positions(2, 3).expand(2, 2, -1, -1)

@@ -5,13 +5,13 @@ import sys
 import pytest
 import torch
 
-from post3r_slots import RecurrentSlotDecoder, mean_best_overlap
+from post3r_slots import RecurrentSlotCorrector, mean_best_overlap
 
 
 def test_recurrent_decoder_without_kernels_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "post3r_kernels", None)  # makes `import` raise ImportError
     with pytest.raises(ImportError, match=r"post3r-slots\[rope\]"):
-        RecurrentSlotDecoder(feature_dim=16, slot_dim=16, num_heads=2)
+        RecurrentSlotCorrector(feature_dim=16, slot_dim=16, num_heads=2)
 
 
 def test_hungarian_matching_without_scipy_names_the_extra(monkeypatch):

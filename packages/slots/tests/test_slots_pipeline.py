@@ -26,7 +26,7 @@ def test_gradients_reach_every_trainable_parameter(corrector_kind):
         corrector = ps.SlotAttention(D, DS, iterations=1, first_frame_iterations=2)
         initializer = ps.GaussianInit(K, DS)
     else:
-        corrector = ps.RecurrentSlotDecoder(D, DS, num_blocks=2, num_heads=2)
+        corrector = ps.RecurrentSlotCorrector(D, DS, num_blocks=2, num_heads=2)
         initializer = ps.FixedLearnedInit(K, DS)
     processor = ps.SlotVideoProcessor(initializer, corrector, ps.TransformerPredictor(DS))
     feature_decoder = ps.MLPDecoder(DS, D, N, hidden_dims=(24,))

@@ -10,9 +10,10 @@ from post3r_train.config import (
     ConfigError,
     load_config,
     optim_config,
-    save_config,
+    resolved,
     trainer_config,
 )
+from post3r_train.engine import RunDir
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -114,7 +115,10 @@ def test_missing_config_file_lists_the_shipped_ones():
 
 def test_saved_config_is_resolved_and_reloads_identically(tmp_path):
     cfg = load_config("smoke", ["model.learning_rate=0.002"])
-    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    run = RunDir(tmp_path / "run")  # what a run writes: its config, resolved
+    run.root.mkdir()
+    run.save_config(resolved(cfg))
+    path = run.config_path
     text = path.read_text()
     assert "${" not in text  # interpolations resolved
     assert not list(path.parent.glob("*.tmp"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from post3r_train.engine import evaluate_checkpoint, load_checkpoint
+from post3r_train.engine import evaluate_checkpoint, read_checkpoint
 from post3r_train.engine.module import frozen_names
 
 # Metrics that do not depend on how videos are grouped into batches. The contrastive loss
@@ -39,7 +39,7 @@ def test_cli_ddp_run_matches_a_single_process_evaluation(tmp_path: Path) -> None
     cfg = load_config("smoke", [f"dataset.root={data}", "dataset.val_batch_size=1"])
     torch.manual_seed(cfg.seed)
     model = POST3RModel.from_config(cfg)
-    saved = load_checkpoint(checkpoints / "last.ckpt")
+    saved = read_checkpoint(checkpoints / "last.ckpt")
     assert saved["world_size"] == 2
     assert set(saved["model"]) == set(model.trainable_state_dict())
     assert not set(saved["model"]) & frozen_names(model)  # no frozen weights saved

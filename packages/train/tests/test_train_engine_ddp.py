@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from post3r_train.engine import evaluate_checkpoint, launch_local, load_checkpoint, seed_everything
+from post3r_train.engine import evaluate_checkpoint, launch_local, read_checkpoint, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_engine_toy as toy
@@ -38,7 +38,7 @@ def test_ddp_preempt_resume_sync_metrics_and_one_checkpoint_set(tmp_path: Path, 
     (root,) = (tmp_path / "toy").iterdir()  # one run directory, written by rank 0 only
     checkpoints = root / "results" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=000006.ckpt"]
-    saved = load_checkpoint(checkpoints / "last.ckpt")
+    saved = read_checkpoint(checkpoints / "last.ckpt")
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2
     assert len(saved["metrics"]["states"]) == 2
 

@@ -19,7 +19,7 @@ from post3r_train.engine import (
     StateDictMismatchError,
     evaluate_checkpoint,
     fit,
-    load_checkpoint,
+    read_checkpoint,
     seed_everything,
 )
 
@@ -70,7 +70,7 @@ def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path, capsys) 
     assert list((root / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (root / "visualizations" / "step=000003" / "pred.png").is_file()
 
-    saved = load_checkpoint(root / "results" / "checkpoints" / "last.ckpt")
+    saved = read_checkpoint(root / "results" / "checkpoints" / "last.ckpt")
     assert saved["step"] == 6 and saved["data_position"] == 6
     assert not any(key.startswith("backbone") for key in saved["model"])  # frozen: never saved
     assert set(saved["rng"][0]) == {"python", "numpy", "torch", "cuda", "data"}
@@ -141,7 +141,7 @@ def test_nan_stop_names_step_and_keys_and_keeps_the_good_checkpoint(tmp_path: Pa
     assert "s00016, s00017, s00018, s00019" in message  # the samples of the bad batch
     assert "step=000004.ckpt" in message
     (root,) = (tmp_path / "toy").iterdir()
-    assert load_checkpoint(root / "results" / "checkpoints" / "last.ckpt")["step"] == 4
+    assert read_checkpoint(root / "results" / "checkpoints" / "last.ckpt")["step"] == 4
     failure = (root / "logs" / "failure-rank0.txt").read_text()  # the run says why it failed
     assert "rank 0 failed after step 4" in failure and "NonFiniteLossError: step 5" in failure
 
@@ -207,18 +207,18 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
     (root,) = (tmp_path / "toy").iterdir()
     names = sorted(p.name for p in (root / "results" / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step=000002.ckpt"]
-    assert load_checkpoint(root / "results" / "checkpoints" / "last.ckpt")["step"] == 2
+    assert read_checkpoint(root / "results" / "checkpoints" / "last.ckpt")["step"] == 2
 
 
 @pytest.mark.parametrize("precision", ["bf16", "16"])
 def test_mixed_precision_trains_on_cpu(tmp_path: Path, precision: str) -> None:
     result = run(tmp_path, max_steps=2, val_size=2, precision=precision)
     assert all(np.isfinite(float(v)) for _, v in column(result, "train/loss"))
-    saved = load_checkpoint(result.checkpoint)
+    saved = read_checkpoint(result.checkpoint)
     assert (saved["scaler"] is not None) == (precision == "16")
 
 
 def test_max_time_stops_with_a_checkpoint(tmp_path: Path) -> None:
     result = run(tmp_path, max_time="0", val_size=0)
     assert result.stop_reason == "max_time" and result.step == 1
-    assert load_checkpoint(result.checkpoint)["step"] == 1
+    assert read_checkpoint(result.checkpoint)["step"] == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from post3r_train.engine import fit, load_checkpoint, seed_everything
+from post3r_train.engine import fit, read_checkpoint, seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_engine_toy as toy
@@ -71,7 +71,7 @@ def test_sigkill_then_continue_matches_the_unbroken_run(tmp_path: Path) -> None:
     reached = max(step for step, _ in losses(run_dir))
     assert kill_after <= reached < 8, "the kill must land mid-training"
     last = run_dir / "results" / "checkpoints" / "last.ckpt"
-    stopped_at = load_checkpoint(last)["step"]  # intact, whatever the kill interrupted
+    stopped_at = read_checkpoint(last)["step"]  # intact, whatever the kill interrupted
     # Checkpoints every 2 steps, each written after its step's log row.
     assert 2 <= stopped_at <= reached and stopped_at >= reached - 2
 

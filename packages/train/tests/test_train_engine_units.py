@@ -25,7 +25,7 @@ from post3r_train.engine import (
     TrainModule,
     WandbSettings,
     find_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from post3r_train.engine.checkpoint import prune_checkpoints, publish_as, step_checkpoints
@@ -132,7 +132,7 @@ def test_state_dict_round_trip_restores_weights() -> None:
 def test_checkpoint_round_trip_and_foreign_or_broken_files(tmp_path: Path) -> None:
     path = tmp_path / "step=000001.ckpt"
     save_checkpoint(path, {"step": 1, "model": {"w": torch.arange(3.0)}})
-    loaded = load_checkpoint(path)
+    loaded = read_checkpoint(path)
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
     plain = tmp_path / "plain"
     plain.touch()  # atomic writes get the mode of an ordinary new file, not mkstemp's 0600
@@ -141,16 +141,16 @@ def test_checkpoint_round_trip_and_foreign_or_broken_files(tmp_path: Path) -> No
     truncated = tmp_path / "last.ckpt"
     truncated.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"last\.ckpt cannot be read .*truncated or corrupt"):
-        load_checkpoint(truncated)
+        read_checkpoint(truncated)
     with pytest.raises(CheckpointError, match=r"step=000001\.ckpt"):  # names the alternative
-        load_checkpoint(truncated)
+        read_checkpoint(truncated)
 
     foreign = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not a post3r training checkpoint"):
-        load_checkpoint(foreign)
+        read_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        load_checkpoint(tmp_path / "absent.ckpt")
+        read_checkpoint(tmp_path / "absent.ckpt")
 
 
 def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
@@ -167,7 +167,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         save_checkpoint(path, {"step": 2})
     assert caught.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
+    assert read_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary left
 
 
@@ -185,7 +185,7 @@ def test_publish_prune_and_find(tmp_path: Path) -> None:
     assert find_checkpoint(run.root) == run.checkpoints / "last.ckpt"
     (run.checkpoints / "last.ckpt").unlink()
     assert find_checkpoint(run.root) == run.checkpoints / "step=000006.ckpt"
-    assert load_checkpoint(find_checkpoint(run.root))["step"] == 6
+    assert read_checkpoint(find_checkpoint(run.root))["step"] == 6
     empty = RunDir.create(tmp_path, "empty")
     with pytest.raises(CheckpointError, match="stopped before its first checkpoint"):
         find_checkpoint(empty.root)
@@ -221,7 +221,7 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     state = capture_rng()
     expected = (random.random(), np.random.rand(), torch.rand(3))
     save_checkpoint(tmp_path / "c.ckpt", {"rng": [state]})
-    restore_rng(load_checkpoint(tmp_path / "c.ckpt")["rng"][0])
+    restore_rng(read_checkpoint(tmp_path / "c.ckpt")["rng"][0])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
 

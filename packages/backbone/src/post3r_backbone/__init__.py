@@ -8,8 +8,6 @@ out, state = model.step(frame, state)  # frame: (B, 3, H, W) in [0, 1]
 """
 
 from post3r_backbone.checkpoint import (
-    CheckpointError,
-    CheckpointNotFoundError,
     default_checkpoint_path,
     load_checkpoint,
     read_original_checkpoint,
@@ -19,10 +17,15 @@ from post3r_backbone.checkpoint import (
 )
 from post3r_backbone.config import (
     PRESETS,
-    ConfigError,
     TTT3RConfig,
     config_from_constructor_string,
     parse_constructor_string,
+)
+from post3r_backbone.errors import (
+    BackboneError,
+    TTT3RCheckpointError,
+    TTT3RCheckpointNotFoundError,
+    TTT3RConfigError,
 )
 from post3r_backbone.heads import pose_to_matrix, quaternion_to_matrix
 from post3r_backbone.model import (
@@ -38,12 +41,13 @@ __all__ = [
     "OUTPUT_FIELDS",
     "PRESETS",
     "TTT3R",
+    "BackboneError",
     "BackboneOutput",
     "BackboneState",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "ConfigError",
+    "TTT3RCheckpointError",
+    "TTT3RCheckpointNotFoundError",
     "TTT3RConfig",
+    "TTT3RConfigError",
     "config_from_constructor_string",
     "default_checkpoint_path",
     "load_checkpoint",

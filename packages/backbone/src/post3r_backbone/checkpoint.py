@@ -24,9 +24,13 @@ from torch import Tensor
 from post3r_backbone import safe_pickle
 from post3r_backbone.config import (
     ORIGINAL_DEFAULTS,
-    ConfigError,
     TTT3RConfig,
     config_from_constructor_string,
+)
+from post3r_backbone.errors import (
+    TTT3RCheckpointError,
+    TTT3RCheckpointNotFoundError,
+    TTT3RConfigError,
 )
 from post3r_backbone.model import TTT3R
 
@@ -38,14 +42,6 @@ CONFIG_METADATA_KEY = "post3r_backbone.config"
 _CONSTRUCTOR_PREFIX = "ARCroco3DStereo"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: wrong, missing or mis-shaped keys, bad content."""
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """The checkpoint file does not exist; the message says where to get it and where to put it."""
-
-
 def default_checkpoint_path() -> Path:
     """``$POST3R_BACKBONE_CHECKPOINT`` if set, else ``checkpoints/cut3r_512_dpt_4_64.pth``."""
     return Path(os.environ.get(CHECKPOINT_ENV, DEFAULT_CHECKPOINT_DIR / RELEASED_CHECKPOINT))
@@ -54,7 +50,7 @@ def default_checkpoint_path() -> Path:
 def _require_file(path: Path) -> None:
     if path.is_file():
         return
-    raise CheckpointNotFoundError(
+    raise TTT3RCheckpointNotFoundError(
         f"TTT3R checkpoint not found: {path}\n"
         f"TTT3R uses CUT3R's released weights, {RELEASED_CHECKPOINT} (about 3.2 GB): download it "
         f"from the CUT3R release ({RELEASED_URL}, linked from the README of "
@@ -82,11 +78,11 @@ def read_original_checkpoint(
     _require_file(path)
     contents = _torch_load_restricted(path)
     if not isinstance(contents, Mapping):
-        raise CheckpointError(
+        raise TTT3RCheckpointError(
             f"{path}: expected a dict with 'args' and 'model', got {type(contents).__name__}"
         )
     if "model" not in contents or not isinstance(contents["model"], Mapping):
-        raise CheckpointError(
+        raise TTT3RCheckpointError(
             f"{path}: no 'model' state dict in the checkpoint "
             f"(entries: {sorted(map(str, contents))}); "
             "an original CUT3R/TTT3R training checkpoint has 'model' and 'args'"
@@ -97,15 +93,15 @@ def read_original_checkpoint(
         return config, state_dict, ignored
     constructor = find_constructor_string(contents.get("args"))
     if constructor is None:
-        raise CheckpointError(
+        raise TTT3RCheckpointError(
             f"{path}: the 'args' entry holds no model constructor string "
             f"('{_CONSTRUCTOR_PREFIX}(ARCroco3DStereoConfig(...))'); "
             "pass config=... to load_checkpoint"
         )
     try:
         config = config_from_constructor_string(constructor)
-    except ConfigError as error:
-        raise CheckpointError(
+    except TTT3RConfigError as error:
+        raise TTT3RCheckpointError(
             f"{path}: cannot build the model its args describe: {error}"
         ) from None
     return config, state_dict, ignored
@@ -124,7 +120,7 @@ def _torch_load_restricted(path: Path) -> Any:
                 raise
         return load()
     except Exception as error:  # a truncated zip, a corrupt pickle, not a checkpoint at all
-        raise CheckpointError(
+        raise TTT3RCheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
             "if it is a download, it may be incomplete: fetch it again"
         ) from None
@@ -207,7 +203,7 @@ def alias_keys(model: torch.nn.Module) -> dict[str, str]:
 
 
 def match_state_dict(model: torch.nn.Module, provided: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The full state dict for ``model`` from ``provided``; CheckpointError on any mismatch.
+    """The full state dict for ``model`` from ``provided``; TTT3RCheckpointError on any mismatch.
 
     Of a key and its aliases (same tensor under two names) any one may be present.
     """
@@ -227,7 +223,7 @@ def match_state_dict(model: torch.nn.Module, provided: Mapping[str, Tensor]) -> 
         if key in expected and not value.is_floating_point()
     ]
     if missing or unexpected or misshaped or not_float:
-        raise CheckpointError(_mismatch_report(missing, unexpected, misshaped, not_float))
+        raise TTT3RCheckpointError(_mismatch_report(missing, unexpected, misshaped, not_float))
     return {key: found[canonical[key]] for key in expected}
 
 
@@ -296,16 +292,16 @@ def read_safetensors(
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+        raise TTT3RCheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     if CONFIG_METADATA_KEY not in metadata:
-        raise CheckpointError(
+        raise TTT3RCheckpointError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; write the file with "
             "`uv run apps/convert-checkpoint` or post3r_backbone.save_safetensors"
         )
     try:
         config = TTT3RConfig.from_json(metadata[CONFIG_METADATA_KEY])
-    except ConfigError as error:
-        raise CheckpointError(f"{path}: invalid config metadata: {error}") from None
+    except TTT3RConfigError as error:
+        raise TTT3RCheckpointError(f"{path}: invalid config metadata: {error}") from None
     return config, tensors
 
 
@@ -338,8 +334,8 @@ def load_checkpoint(
         config = config.replace(model_update_type=model_update_type)
     try:
         model = build_model(config, state_dict)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+    except TTT3RCheckpointError as error:
+        raise TTT3RCheckpointError(f"{path}: {error}") from None
     return model.to(device)
 
 

@@ -17,12 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from post3r_backbone.errors import TTT3RConfigError
+
 INF = math.inf
 UPDATE_RULES = ("cut3r", "ttt3r")
-
-
-class ConfigError(ValueError):
-    """A configuration value, key or constructor string that this package cannot build."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class TTT3RConfig:
         return width + 1 if width % 2 else width
 
     def replace(self, **overrides: Any) -> TTT3RConfig:
-        """A copy with some fields changed; unknown names raise ConfigError."""
+        """A copy with some fields changed; unknown names raise TTT3RConfigError."""
         _reject_unknown(overrides)
         return dataclasses.replace(self, **overrides)
 
@@ -104,7 +102,7 @@ class TTT3RConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TTT3RConfig:
-        """Build from a mapping (e.g. JSON); unknown keys raise ConfigError."""
+        """Build from a mapping (e.g. JSON); unknown keys raise TTT3RConfigError."""
         _reject_unknown(values)
         return cls(**values)
 
@@ -116,7 +114,7 @@ class TTT3RConfig:
     def preset(cls, name: str, **overrides: Any) -> TTT3RConfig:
         """A named preset (see PRESETS) with optional field overrides."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise TTT3RConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name].replace(**overrides)
 
 
@@ -130,7 +128,7 @@ def _reject_unknown(values: Mapping[str, Any]) -> None:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown TTT3R config key {key!r}{hint}; valid keys: {known}")
+            raise TTT3RConfigError(f"unknown TTT3R config key {key!r}{hint}; valid keys: {known}")
 
 
 def _as_tuple(value: Any) -> Any:
@@ -153,7 +151,7 @@ def _pair(value: Any) -> tuple[int, int]:
 def _validate(cfg: TTT3RConfig) -> None:
     def need(condition: bool, message: str) -> None:
         if not condition:
-            raise ConfigError(message)
+            raise TTT3RConfigError(message)
 
     need(
         cfg.output_mode == "pts3d+pose",
@@ -183,7 +181,7 @@ def _validate(cfg: TTT3RConfig) -> None:
     try:
         base = cfg.rope_base
     except ValueError:
-        raise ConfigError(
+        raise TTT3RConfigError(
             f"pos_embed {cfg.pos_embed!r}: the text after 'RoPE' is not a number"
         ) from None
     need(base > 0, f"pos_embed base must be positive, got {base}")
@@ -280,24 +278,28 @@ def parse_constructor_string(text: str) -> dict[str, Any]:
     """Keyword arguments of ``ARCroco3DStereo(ARCroco3DStereoConfig(...))``, without ``eval``.
 
     Only literals, ``inf``, tuples/lists, ``float('inf')`` and the two constructor names are
-    accepted; anything else raises ConfigError naming the offending piece of the string.
+    accepted; anything else raises TTT3RConfigError naming the offending piece of the string.
     """
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as error:
-        raise ConfigError(f"model constructor string is not valid Python syntax: {error}") from None
+        raise TTT3RConfigError(
+            f"model constructor string is not valid Python syntax: {error}"
+        ) from None
     if _call_name(node) == _MODEL_CALL:
         if len(node.args) != 1 or node.keywords:
-            raise ConfigError(f"{_MODEL_CALL}(...) must wrap exactly one {_CONFIG_CALL}(...) call")
+            raise TTT3RConfigError(
+                f"{_MODEL_CALL}(...) must wrap exactly one {_CONFIG_CALL}(...) call"
+            )
         node = node.args[0]
     if _call_name(node) != _CONFIG_CALL or node.args:
-        raise ConfigError(
+        raise TTT3RConfigError(
             f"expected {_MODEL_CALL}({_CONFIG_CALL}(key=value, ...)), got: {text[:120]!r}"
         )
     kwargs = {}
     for keyword in node.keywords:
         if keyword.arg is None:
-            raise ConfigError("'**' arguments are not supported in the constructor string")
+            raise TTT3RConfigError("'**' arguments are not supported in the constructor string")
         kwargs[keyword.arg] = _literal(keyword.value, text)
     return kwargs
 
@@ -337,7 +339,7 @@ def _literal(node: ast.AST, text: str) -> Any:
     ):
         return float(node.args[0].value)
     piece = ast.get_source_segment(text.strip(), node) or ast.dump(node)
-    raise ConfigError(
+    raise TTT3RConfigError(
         f"unsupported expression {piece!r} in the model constructor string: only literals, inf, "
         "tuples and float('inf') are accepted (nothing is evaluated)"
     )

@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from post3r_backbone.checkpoint import (
-    CheckpointError,
+    TTT3RCheckpointError,
     alias_keys,
     match_state_dict,
     read_original_checkpoint,
     save_safetensors,
 )
-from post3r_backbone.config import ConfigError, matching_preset
+from post3r_backbone.config import TTT3RConfigError, matching_preset
 from post3r_backbone.model import TTT3R
 
 
@@ -43,7 +43,7 @@ def convert(source: Path, target: Path, progress: bool = True) -> dict[str, obje
     ):
         value = full[key].to(torch.float32).contiguous()
         if not torch.isfinite(value).all():
-            raise CheckpointError(f"{source}: tensor {key} contains NaN or infinite values")
+            raise TTT3RCheckpointError(f"{source}: tensor {key} contains NaN or infinite values")
         tensors[key] = value
     if progress:
         print(f"writing {target} ...", file=sys.stderr)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.target} exists; pass --overwrite to replace it")
     try:
         summary = convert(args.source, args.target, progress=not args.quiet)
-    except (CheckpointError, ConfigError, FileNotFoundError) as error:
+    except (TTT3RCheckpointError, TTT3RConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from post3r_backbone.config import UPDATE_RULES, ConfigError, TTT3RConfig
+from post3r_backbone.config import UPDATE_RULES, TTT3RConfig
+from post3r_backbone.errors import TTT3RConfigError
 from post3r_backbone.heads import build_head, pose_to_matrix
 from post3r_backbone.layers import (
     Block,
@@ -170,7 +171,7 @@ class TTT3R(nn.Module):
     @update_rule.setter
     def update_rule(self, rule: str) -> None:
         if rule not in UPDATE_RULES:
-            raise ConfigError(f"update rule must be one of {UPDATE_RULES}, got {rule!r}")
+            raise TTT3RConfigError(f"update rule must be one of {UPDATE_RULES}, got {rule!r}")
         self.config = self.config.replace(model_update_type=rule)
 
     @property

@@ -3,7 +3,8 @@
 The public API is listed in packages/data/README.md.
 """
 
-from post3r_data.clips import CorruptSampleError, CorruptShardError, instance_ids
+from post3r_data.clips import instance_ids
+from post3r_data.errors import CorruptSampleError, CorruptShardError, DataError
 from post3r_data.loader import (
     TrainLoader,
     ValLoader,
@@ -17,6 +18,7 @@ from post3r_data.synth import SynthConfig, SynthResult, generate_synthetic_datas
 __all__ = [
     "CorruptSampleError",
     "CorruptShardError",
+    "DataError",
     "ShardSummary",
     "SynthConfig",
     "SynthResult",

@@ -14,19 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from post3r_data.errors import CorruptSampleError
 from post3r_data.shards import NpyMember, TarMember, decode_npy
 from post3r_data.teacher_cache import TEACHER_FIELDS, crop_indices
 
 OPTIONAL_FIELDS = ("segmentations", "pointmap", "depth", "camera_to_world", "intrinsics")
 _PER_PIXEL = ("segmentations", "pointmap", "depth")
-
-
-class CorruptSampleError(ValueError):
-    """A shard sample that cannot be decoded or has inconsistent arrays."""
-
-
-class CorruptShardError(ValueError):
-    """A shard file that cannot be read to its end."""
 
 
 @dataclass

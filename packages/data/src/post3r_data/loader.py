@@ -31,14 +31,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from post3r_data.clips import (
     OPTIONAL_FIELDS,
-    CorruptSampleError,
-    CorruptShardError,
     central_clips,
     collate,
     decode_video,
     finish_clip,
     random_clip,
 )
+from post3r_data.errors import CorruptSampleError, CorruptShardError
 from post3r_data.shards import read_local_shard
 from post3r_data.teacher_cache import TEACHER_FIELDS, TeacherCacheSpec, sidecar_path
 

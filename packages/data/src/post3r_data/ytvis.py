@@ -33,6 +33,7 @@ from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
 from post3r_data.clips import nearest_indices
+from post3r_data.errors import DataError
 from post3r_data.shards import (
     ShardSummary,
     canonical_split,
@@ -53,7 +54,7 @@ _DOWNLOAD_HINT = (
 )
 
 
-class BadVideoError(ValueError):
+class BadVideoError(DataError, ValueError):
     """A video whose frames or annotations cannot be converted."""
 
     def __init__(self, video_id: Any, name: str, reason: str) -> None:

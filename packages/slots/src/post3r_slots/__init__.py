@@ -1,7 +1,7 @@
 """post3r_slots: object-centric slot modules on plain tensors.
 
 Slot attention, initialisers, a video processor (corrector + predictor scanned over time),
-POST3R's recurrent slot decoder, feature and pointmap decoders with alpha masks, losses and
+POST3R's recurrent slot corrector, feature and pointmap decoders with alpha masks, losses and
 torchmetrics metrics. Shapes: B batch, T frames, N patches, D feature dim, K slots, Ds slot dim.
 """
 
@@ -31,7 +31,7 @@ from post3r_slots.masks import (
 )
 from post3r_slots.predictor import TransformerPredictor
 from post3r_slots.recurrent import (
-    RecurrentSlotDecoder,
+    RecurrentSlotCorrector,
     RecurrentSlotOutput,
     RopeDecoderBlock,
     patch_grid_positions,
@@ -70,6 +70,16 @@ def __getattr__(name: str) -> object:
         from post3r_slots import metrics
 
         return getattr(metrics, name)
+    if name == "RecurrentSlotDecoder":  # the old name, kept for one release
+        import warnings
+
+        warnings.warn(
+            "post3r_slots.RecurrentSlotDecoder is now RecurrentSlotCorrector (it corrects slots "
+            "from features, like SlotAttention; it decodes nothing)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RecurrentSlotCorrector
     raise AttributeError(f"module 'post3r_slots' has no attribute {name!r}")
 
 
@@ -90,7 +100,7 @@ __all__ = [
     "MLPDecoder",
     "PointmapDecoder",
     "PointmapDecoderOutput",
-    "RecurrentSlotDecoder",
+    "RecurrentSlotCorrector",
     "RecurrentSlotOutput",
     "ResidualMLP",
     "RopeDecoderBlock",

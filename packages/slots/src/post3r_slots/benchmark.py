@@ -93,7 +93,7 @@ def _recurrent_step(sizes: Sizes, device: torch.device) -> Workload:
     grid = (side, s.patches // side) if side * (s.patches // side) == s.patches else (1, s.patches)
     processor = ps.SlotVideoProcessor(
         ps.FixedLearnedInit(s.slots, s.slot_dim),
-        ps.RecurrentSlotDecoder(s.feature_dim, s.slot_dim, num_blocks=3, grid_size=grid),
+        ps.RecurrentSlotCorrector(s.feature_dim, s.slot_dim, num_blocks=3, grid_size=grid),
         detach_between_frames=True,
     )
     return _processor_workload(processor, sizes, device)
@@ -140,7 +140,7 @@ def _losses_step(sizes: Sizes, device: torch.device) -> Workload:
 
 COMPONENTS: dict[str, Callable[[Sizes, torch.device], Workload]] = {
     "slot attention + predictor": _slot_attention_step,
-    "recurrent slot decoder (POST3R)": _recurrent_step,
+    "recurrent slot corrector (POST3R)": _recurrent_step,
     "MLP feature decoder": _mlp_decoder_step,
     "pointmap decoder": _pointmap_decoder_step,
     "losses (MSE, pointmap, contrastive)": _losses_step,

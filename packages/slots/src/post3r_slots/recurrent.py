@@ -1,4 +1,7 @@
-"""POST3R's recurrent slot decoder: transformer decoder blocks on the slots with 2D RoPE.
+"""POST3R's recurrent slot corrector: transformer decoder blocks on the slots with 2D RoPE.
+
+A corrector (like slot attention) updates slots from a frame's features; the reference called
+it a "slot decoder" after its transformer-decoder blocks.
 
 Unlike slot attention there is no competition between slots: each slot cross-attends to the
 patches with a softmax over patches. Over time the new slots are blended with the slots the
@@ -68,7 +71,7 @@ class RopeDecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, rope_base: float) -> None:
         super().__init__()
         self.num_heads, self.rope_base = num_heads, rope_base
-        self.rope2d = require("post3r_kernels", "RecurrentSlotDecoder (2D RoPE)").rope2d
+        self.rope2d = require("post3r_kernels", "RecurrentSlotCorrector (2D RoPE)").rope2d
         self.scale = (dim // num_heads) ** -0.5
         self.norm_self = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim)
@@ -105,7 +108,7 @@ class RopeDecoderBlock(nn.Module):
         return slots, logits
 
 
-class RecurrentSlotDecoder(nn.Module):
+class RecurrentSlotCorrector(nn.Module):
     """POST3R's slot corrector: ``num_blocks`` RoPE decoder blocks plus a per-sample gate.
 
     Called like :class:`SlotAttention`: ``(slots, features, first_frame=...)``. The features are
@@ -196,6 +199,6 @@ class RecurrentSlotDecoder(nn.Module):
         if height * width != num_patches:
             raise ValueError(
                 f"features have N={num_patches} patches, which is not a {height}x{width} grid; "
-                "pass grid_size=(h, w) to RecurrentSlotDecoder or positions (B, N, 2)"
+                "pass grid_size=(h, w) to RecurrentSlotCorrector or positions (B, N, 2)"
             )
         return patch_grid_positions(height, width, device).expand(batch, -1, -1).contiguous()

@@ -35,7 +35,7 @@ class SlotVideoProcessor(nn.Module):
     Args:
         initializer: ``initializer(batch_size) -> (B, K, Ds)``, e.g. :class:`FixedLearnedInit`;
             wrapped in :class:`CarryOverInit` unless it already is one.
-        corrector: :class:`SlotAttention` or :class:`RecurrentSlotDecoder` (any module called as
+        corrector: :class:`SlotAttention` or :class:`RecurrentSlotCorrector` (any module called as
             ``corrector(slots, features, first_frame=bool) -> (slots, masks, ...)``).
         predictor: e.g. :class:`TransformerPredictor`; None carries the corrected slots over.
         detach_between_frames: cut gradients between frames (POST3R) instead of
@@ -70,7 +70,7 @@ class SlotVideoProcessor(nn.Module):
             None starts every sample fresh.
         reset: (B,) bool, samples that start a new video although ``previous_slots`` is given.
         positions: (B, N, 2) or (B, T, N, 2) integer patch positions, for correctors that take
-            them (RecurrentSlotDecoder).
+            them (RecurrentSlotCorrector).
         """
         sizes = check_shape(features, "features", "B T N D")
         batch, frames = sizes["B"], sizes["T"]

@@ -8,7 +8,8 @@ model = POST3RModel.from_config(cfg)
 ```
 """
 
-from post3r_train.config import ConfigError, RunConfig, load_config, save_config
+from post3r_train.config import RunConfig, load_config
+from post3r_train.errors import ConfigError, TrainError
 from post3r_train.model import POST3RModel
 
-__all__ = ["ConfigError", "POST3RModel", "RunConfig", "load_config", "save_config"]
+__all__ = ["ConfigError", "POST3RModel", "RunConfig", "TrainError", "load_config"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from post3r_train.engine import OptimConfig, TrainerConfig
+from post3r_train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 """The configs a run can name (`default`, `smoke`, `ytvis2021`): package data, so they are in
@@ -31,10 +31,6 @@ POSITION_EMBEDDINGS = ("learned", "fourier")
 POINTMAP_FRAMES = ("world", "camera")
 INITIALIZERS = ("fixed", "gaussian")
 PREDICTORS = ("transformer", "none")
-
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message names it and the fix."""
 
 
 @dataclass
@@ -405,20 +401,6 @@ def resolved(cfg: DictConfig) -> DictConfig:
     copy = cfg.copy()
     OmegaConf.resolve(copy)
     return copy
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(resolved(cfg))
-
-
-def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config to `path` atomically (temp file in the same folder, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(to_yaml(cfg))
-    os.replace(tmp.name, path)
-    return path
 
 
 def frame_size(cfg: DictConfig) -> int:

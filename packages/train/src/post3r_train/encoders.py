@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from post3r_train.errors import MissingWeightsError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -22,10 +24,6 @@ class EncoderOutput(NamedTuple):
 
     features: Tensor
     grid: tuple[int, int]
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights were asked for but the file is not there."""
 
 
 def _check_frames(frames: Tensor) -> None:

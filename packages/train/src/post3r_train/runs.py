@@ -28,7 +28,7 @@ def load_run(
 ):
     """(config, model with the checkpoint's weights, checkpoint path) of a run directory or a
     checkpoint file. The config is the run's config.yaml unless `config` is given."""
-    from post3r_train.engine import find_checkpoint, load_checkpoint
+    from post3r_train.engine import find_checkpoint, read_checkpoint
     from post3r_train.model import POST3RModel
 
     path = Path(run_or_checkpoint)
@@ -47,5 +47,5 @@ def load_run(
         overrides.append(f"dataset.root={data_dir}")
     cfg: DictConfig = load_config(config, overrides)
     model = POST3RModel.from_config(cfg)
-    model.load_trainable_state_dict(load_checkpoint(checkpoint)["model"], source=str(checkpoint))
+    model.load_trainable_state_dict(read_checkpoint(checkpoint)["model"], source=str(checkpoint))
     return cfg, model.eval(), checkpoint

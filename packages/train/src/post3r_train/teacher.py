@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from post3r_train.errors import MissingTargetError
+
 
 class TeacherOutput(NamedTuple):
     """pointmap: (B, T, H, W, 3) world points, or None where there are no targets (inference).
@@ -33,10 +35,6 @@ class TeacherOutput(NamedTuple):
     tokens: Tensor | None = None
     grid: tuple[int, int] | None = None
     state: Any = None  # the backbone state after the clip (TTT3R), to continue a stream
-
-
-class MissingTargetError(KeyError):
-    """The batch lacks the ground truth `GroundTruthTargets` reads."""
 
 
 class GroundTruthTargets(nn.Module):

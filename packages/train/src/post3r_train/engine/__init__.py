@@ -13,7 +13,7 @@ from post3r_train.engine.batches import (
 from post3r_train.engine.checkpoint import (
     CheckpointError,
     find_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from post3r_train.engine.distributed import DistEnv, init_distributed, shutdown_distributed
@@ -55,9 +55,9 @@ __all__ = [
     "init_distributed",
     "is_worker",
     "launch_local",
-    "load_checkpoint",
     "move_to_device",
     "needs_launch",
+    "read_checkpoint",
     "run_validation",
     "save_checkpoint",
     "seed_everything",

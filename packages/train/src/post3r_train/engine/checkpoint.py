@@ -17,15 +17,12 @@ from typing import IO, Any
 import torch
 
 from post3r_train.atomic import atomic_write, fsync_directory
+from post3r_train.errors import CheckpointError
 
 FORMAT = "post3r-train-checkpoint"
 VERSION = 1
 LAST = "last.ckpt"
 _STEP_NAME = re.compile(r"step=(\d+)\.ckpt")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or not one of ours."""
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -61,7 +58,7 @@ def _copy_into(source: Path, file: IO[bytes]) -> None:
         shutil.copyfileobj(src, file, length=16 << 20)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """Read one of our checkpoints, with an error naming the file when it is not usable."""
     path = Path(path)
     if not path.is_file():

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from post3r_train.errors import StateDictMismatchError
+
 if TYPE_CHECKING:  # torchmetrics is slow to import; only the model's make_metrics needs it
     from torchmetrics import MetricCollection
-
-
-class StateDictMismatchError(ValueError):
-    """A state dict does not fit the module: missing, unexpected or mis-shaped keys."""
 
 
 class TrainModule(nn.Module):

@@ -35,9 +35,9 @@ from post3r_train.engine.batches import (
 from post3r_train.engine.checkpoint import (
     LAST,
     find_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
     publish_as,
+    read_checkpoint,
     save_checkpoint,
     step_checkpoint_name,
 )
@@ -59,16 +59,9 @@ from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
 from post3r_train.engine.trainer_config import OptimConfig, TrainerConfig
 from post3r_train.engine.validation import autocast, run_validation
+from post3r_train.errors import CheckpointWriteError, NonFiniteLossError
 
 log = logging.getLogger("post3r_train.engine")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient was NaN/inf and `trainer.nan_policy` says stop."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (the previous one is intact)."""
 
 
 @dataclass
@@ -635,7 +628,7 @@ def _open_run(
     start, run = None, None
     if resume is not None:
         path = find_checkpoint(Path(resume))
-        start = ResumePoint(path, load_checkpoint(path))
+        start = ResumePoint(path, read_checkpoint(path))
         run = run_dir_of_checkpoint(path)
         if env.is_main:
             log.info("resuming from %s (step %d)", path, start.payload["step"])

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from post3r_train.engine.batches import ValLoaderFactory, skipped_count
-from post3r_train.engine.checkpoint import find_checkpoint, load_checkpoint
+from post3r_train.engine.checkpoint import find_checkpoint, read_checkpoint
 from post3r_train.engine.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -51,7 +51,7 @@ def evaluate_checkpoint(
         module.to(env.device)
         if checkpoint is not None:
             path = find_checkpoint(Path(checkpoint))
-            module.load_trainable_state_dict(load_checkpoint(path)["model"], source=str(path))
+            module.load_trainable_state_dict(read_checkpoint(path)["model"], source=str(path))
         metrics = module.make_metrics().to(env.device)
         values, _ = run_validation(
             module,
