@@ -10,7 +10,8 @@ import torch
 
 from post3r_data import SynthConfig, find_shards, generate_synthetic_dataset, make_train_loader
 from post3r_data.render import render
-from post3r_data.synth import main, render_videos, sample_scenes
+from post3r_data.synth import render_videos, sample_scenes
+from post3r_data.synth_cli import main
 
 SIZE, FRAMES = 24, 3
 

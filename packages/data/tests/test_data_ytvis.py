@@ -15,7 +15,8 @@ from pycocotools import mask as coco_mask
 from post3r_data import find_shards, make_val_loader
 from post3r_data import ytvis as ytvis_module
 from post3r_data.shards import decode_npy
-from post3r_data.ytvis import BadVideoError, convert_ytvis, main
+from post3r_data.ytvis import BadVideoError, convert_ytvis
+from post3r_data.ytvis_cli import main
 
 # pycocotools' own NumPy 2 deprecation notice, raised where the test decodes its polygons.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")

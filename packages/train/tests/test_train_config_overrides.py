@@ -134,3 +134,18 @@ def test_default_config_is_the_embedded_synthetic_default():
     assert cfg.model.teacher.name == "dataset"
     assert cfg.trainer.accelerator == "cpu"
     assert Path(CONFIG_DIR / "default.yaml").is_file()
+
+
+def test_synthetic_section_carries_every_scene_knob_of_post3r_data():
+    import dataclasses
+
+    from post3r_data import SynthConfig
+    from post3r_train.data import scene_config
+
+    cfg = load_config(
+        "default", ["dataset.synthetic.shapes=[box]", "dataset.synthetic.shadows=false"]
+    )
+    scene = scene_config(cfg)
+    assert scene.shapes == ("box",) and scene.shadows is False
+    schema = set(load_config("default").dataset.synthetic.keys())
+    assert {f.name for f in dataclasses.fields(SynthConfig)} <= schema  # no knob left out

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_model_runs import call, run_cli
 
 from post3r_data.shards import encode_npy, read_local_shard, write_shard
-from post3r_data.synth import main as synth_main
+from post3r_data.synth_cli import main as synth_main
 from post3r_data.teacher_cache import read_sidecar, record_path
 from post3r_train import evaluate, teacher_cache
 from post3r_train.config import load_config

@@ -16,10 +16,8 @@ CLI: `uv run apps/prepare-ytvis --input RAW --output OUT [--size 518] [--workers
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +45,7 @@ from post3r_data.shards import (
 )
 
 DATASET = "ytvis"
-_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
+RESAMPLING_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 _DOWNLOAD_HINT = (
     "download YouTube-VIS 2021 from https://youtube-vos.org/dataset/vis/ and unpack it so that "
     "<input>/train/JPEGImages/ and <input>/train/instances.json exist"
@@ -174,7 +172,7 @@ def convert_video(task: _Task) -> dict[str, bytes]:
     width, height = frames[0].size
     out_h, out_w = resized_shape(height, width, task.size)
     if (out_h, out_w) != (height, width):
-        frames = [f.resize((out_w, out_h), _FILTERS[task.resample]) for f in frames]
+        frames = [f.resize((out_w, out_h), RESAMPLING_FILTERS[task.resample]) for f in frames]
     pixels = np.stack([np.asarray(f) for f in frames])
     masks = _instance_masks(task, name, height, width, (out_h, out_w))
     meta = {
@@ -245,8 +243,8 @@ def convert_ytvis(
 ) -> ConversionResult:
     """Convert the official train split into training and validation shards (see module doc)."""
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    if resample not in _FILTERS:
-        raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {resample!r}")
+    if resample not in RESAMPLING_FILTERS:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLING_FILTERS)}, got {resample!r}")
     if size < 1 or videos_per_shard < 1 or val_videos < 0:
         raise ValueError("size and videos_per_shard must be >= 1 and val_videos >= 0")
     splits = [canonical_split(split) for split in splits]
@@ -331,57 +329,3 @@ def _accept(
             )
             continue
         yield converted
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="apps/prepare-ytvis",
-        description="Convert YouTube-VIS 2021 into ytvis-{train,validation}-NNNNNN.tar shards "
-        "(SlotContrast's format). Validation = the last --val-videos training videos.",
-    )
-    parser.add_argument("--input", required=True, type=Path, help="unpacked YouTube-VIS 2021 root")
-    parser.add_argument("--output", required=True, type=Path, help="directory for the shards")
-    parser.add_argument("--size", type=int, default=518, help="short side in pixels (default 518)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--videos-per-shard", type=int, default=10)
-    parser.add_argument("--val-videos", type=int, default=300)
-    parser.add_argument("--split", choices=["train", "validation", "all"], default="all")
-    parser.add_argument(
-        "--filter", choices=sorted(_FILTERS), default="bilinear", help="frame resampling"
-    )
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="leave out broken videos, list them"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="delete existing ytvis shards first"
-    )
-    args = parser.parse_args(argv)
-    splits = ["train", "validation"] if args.split == "all" else [args.split]
-    try:
-        result = convert_ytvis(
-            args.input,
-            args.output,
-            size=args.size,
-            workers=args.workers,
-            videos_per_shard=args.videos_per_shard,
-            val_videos=args.val_videos,
-            splits=splits,
-            resample=args.filter,
-            skip_bad=args.skip_bad,
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if result.kept_shards:
-        print(f"kept {result.kept_shards} finished shards from an earlier run")
-    for split, summary in result.splits.items():
-        print(f"{split:>10}: {summary.describe()}")
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} bad videos:")
-        for entry in result.skipped:
-            print(
-                f"  {entry['split']} video {entry['video_id']} ({entry['name']}): {entry['reason']}"
-            )
-    print(f"shards in {args.output}")
-    return 0

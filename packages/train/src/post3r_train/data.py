@@ -10,6 +10,7 @@ engine's factories (`build_train_loader`, `build_val_loader` each on its own).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from post3r_train.config import frame_size
 
 if TYPE_CHECKING:  # post3r_data is imported when data is needed
+    from post3r_data import SynthConfig
     from post3r_data.teacher_cache import TeacherCacheSpec
 
 log = logging.getLogger("post3r_train")
@@ -35,6 +37,22 @@ DEFAULT_DATA_DIR = Path("data")
 
 def synthetic_settings(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.dataset.synthetic, resolve=True)  # type: ignore[return-value]
+
+
+def scene_config(cfg: DictConfig) -> SynthConfig:
+    """post3r_data's `SynthConfig` from `dataset.synthetic`, whose scene knobs are its fields
+    under the same names (the rest say how many videos to render, and how)."""
+    from post3r_data import SynthConfig
+
+    scene_fields = {f.name for f in dataclasses.fields(SynthConfig)}
+    settings = synthetic_settings(cfg)
+    return SynthConfig(
+        **{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in settings.items()
+            if name in scene_fields
+        }
+    )
 
 
 def default_synthetic_root(cfg: DictConfig) -> Path:
@@ -85,21 +103,10 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
         return root
     if _complete(root) and cfg.dataset.root is None:
         return root
-    from post3r_data.synth import SynthConfig, generate_synthetic_dataset
+    from post3r_data import generate_synthetic_dataset
 
     s = cfg.dataset.synthetic
-    scene = SynthConfig(
-        min_objects=s.min_objects,
-        max_objects=s.max_objects,
-        shapes=tuple(s.shapes),
-        textures=s.textures,
-        texture_contrast=s.texture_contrast,
-        object_motion=s.object_motion,
-        camera_motion=s.camera_motion,
-        shadows=s.shadows,
-        random_lighting=s.random_lighting,
-        fov_degrees=s.fov_degrees,
-    )
+    scene = scene_config(cfg)
     with _locked(root):
         if not _complete(root):
             log.info("generating the synthetic dataset into %s (once; it is cached)", root)
