@@ -22,6 +22,7 @@ import torch
 
 from post3r_backbone.config import TTT3RConfig
 from post3r_backbone.model import TTT3R
+from post3r_kernels.timing import synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,11 +49,6 @@ def _resident_bytes() -> int | None:
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def stream(
     model: TTT3R,
     pool: torch.Tensor,
@@ -69,7 +65,7 @@ def stream(
         for t in range(warmup):
             _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
         state = model.init_state(pool.shape[1])
-        _synchronize(device)
+        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         peak = _resident_bytes() or 0
@@ -78,7 +74,7 @@ def stream(
             _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
             if device.type == "cpu":
                 peak = max(peak, _resident_bytes() or 0)
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -125,11 +121,11 @@ def _profile(model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, frames: int, 
     with torch.inference_mode(), autocast:
         state = model.init_state(pool.shape[1])
         _, state = model.step(pool[0], state, outputs=outputs)
-        _synchronize(device)
+        synchronize(device)
         with profile(activities=activities) as profiler:
             for t in range(frames):
                 _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
-            _synchronize(device)
+            synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of {frames} frames, by {sort}:")
     print(profiler.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import post3r_slots as ps
+from post3r_kernels.timing import synchronize
 
 MiB = 2**20
 
@@ -162,12 +163,12 @@ def _runner(workload: Workload, device: torch.device, variant: str) -> Callable[
 
     def run() -> float:
         _clear_grads(leaves)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = step()
         loss.backward()
-        _synchronize(device)
+        synchronize(device)
         return (time.perf_counter() - start) * 1000
 
     return run
@@ -176,11 +177,6 @@ def _runner(workload: Workload, device: torch.device, variant: str) -> Callable[
 def _clear_grads(leaves: list[torch.Tensor]) -> None:
     for leaf in leaves:
         leaf.grad = None
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(

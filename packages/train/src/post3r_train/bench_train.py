@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from post3r_kernels.timing import synchronize
 from post3r_train.config import frame_size, load_config, trainer_config
 from post3r_train.engine.trainer import autocast
 from post3r_train.model import POST3RModel
@@ -101,17 +102,12 @@ def _meta_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor
     return batch
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, steps: int, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from post3r_train.config import ConfigError, load_config, optim_config, resolved, trainer_config
+from post3r_train.runs import run_config_path
 
 log = logging.getLogger("post3r_train")
 
@@ -83,20 +84,11 @@ def load_run_config(args: argparse.Namespace) -> DictConfig:
     and --data-dir."""
     config, overrides = split_items(args.items)
     if config is None and args.resume is not None:
-        saved = _run_config_of(args.resume)
+        saved = run_config_path(args.resume)
         config = str(saved) if saved is not None else None
     if args.data_dir is not None:
         overrides = [*overrides, f"dataset.root={args.data_dir}"]
     return load_config(config, overrides)
-
-
-def _run_config_of(resume: Path) -> Path | None:
-    """config.yaml of a run directory, or of the run a checkpoint file belongs to."""
-    resume = Path(resume)
-    for folder in (resume, *resume.parents[:3]):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
@@ -151,7 +143,7 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     root = prepare_data(cfg)
     config, overrides = split_items(args.items)
     if config is None and args.resume is not None:  # the run's own config.yaml
-        config = str(_run_config_of(args.resume) or "") or None
+        config = str(run_config_path(args.resume) or "") or None
     check_run_cache(cfg, root, config, overrides)  # before anything is built or trained
     model = POST3RModel.from_config(cfg)
     loaders = build_loaders(cfg, root, batches_per_epoch=checkpoint_aligned_epoch(cfg))

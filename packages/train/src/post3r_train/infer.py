@@ -28,6 +28,7 @@ from post3r_train.visualize import (
     palette,
     save_gif,
     slot_clouds,
+    upscale,
     write_point_clouds,
 )
 
@@ -119,20 +120,19 @@ def save_video(path: Path, frames: np.ndarray, fps: float) -> Path:
     return atomic_write(path, write, make_parents=True)
 
 
-def _upscale(images: np.ndarray, min_side: int = 256) -> np.ndarray:
-    factor = max(1, int(np.ceil(min_side / min(images.shape[1:3]))))
-    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+def _enlarge(images: np.ndarray) -> np.ndarray:
+    return upscale(images, min_side=256)  # outputs are watched on their own: larger than visuals
 
 
 def write_outputs(frames: torch.Tensor, result: dict, output: Path, fps: float) -> list[Path]:
     masks = result.get("feature_image_masks", result.get("pointmap_image_masks"))
     ids = masks.argmax(1).numpy().astype(np.uint8)  # (T, H, W)
     colors = palette(masks.shape[1])
-    paths = [save_video(output / "masks.mp4", _upscale(colors[ids]), fps)]
+    paths = [save_video(output / "masks.mp4", _enlarge(colors[ids]), fps)]
     for k in np.unique(ids):
         binary = np.repeat((ids == k)[..., None] * np.uint8(255), 3, axis=-1)
-        paths.append(save_video(output / "objects" / f"slot{k}.mp4", _upscale(binary), fps))
-    paths.append(save_gif(output / "overlay.gif", list(_upscale(overlay(frames, masks))), fps))
+        paths.append(save_video(output / "objects" / f"slot{k}.mp4", _enlarge(binary), fps))
+    paths.append(save_gif(output / "overlay.gif", list(_enlarge(overlay(frames, masks))), fps))
     paths.append(
         atomic_write(output / "masks.npy", lambda file: np.save(file, ids), make_parents=True)
     )

@@ -50,7 +50,9 @@ def _to_uint8(frames: Tensor) -> np.ndarray:
     )
 
 
-def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
+def upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
+    """(..., H, W, 3) enlarged by an integer factor (pixel repeat: masks stay crisp) until its
+    shorter side is at least `min_side`."""
     factor = max(1, int(np.ceil(min_side / min(image.shape[-3:-1]))))
     return image.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else image
 
@@ -160,7 +162,7 @@ def write_point_clouds(
 def mask_panels(frames: Tensor, masks: Mapping[str, Tensor]) -> np.ndarray:
     """One video as (T, H', W', 3): per frame the input, then one overlay per decoder."""
     columns = [_to_uint8(frames)] + [overlay(frames, m) for m in masks.values()]
-    return _upscale(np.concatenate(columns, axis=2))
+    return upscale(np.concatenate(columns, axis=2))
 
 
 def write_validation_visuals(
