@@ -104,7 +104,8 @@ class PointmapDecoder(nn.Module):
     Args:
         slot_dim: Ds.
         resolution: (H, W) of the output; both divisible by ``2**num_upsamples``.
-        pose_dim: size of the pose vector (7 for TTT3R's [t, quaternion]); None: no pose input.
+        pose_dim: size of the pose vector P (POST3R passes 12: the top 3x4 of each frame's
+            camera-to-world matrix); None: no pose input.
         pose_embed_dim: width of the pose embedding MLP.
         token_dim: channels on the coarse grid.
         num_upsamples: ×2 upsampling stages.
