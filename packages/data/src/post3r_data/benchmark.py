@@ -24,6 +24,7 @@ from post3r_data.shards import (
     NpyMember,
     encode_npy,
     find_shards,
+    member_file,
     read_local_shard,
     shard_name,
     write_shard,
@@ -117,7 +118,7 @@ def _decode_table(shards: list[str], chunk_size: int) -> None:
     def whole() -> np.ndarray:
         with tarfile.open(shards[0]) as tar:
             member = next(m for m in tar if m.name.endswith(".video.npy"))
-            data = io.BytesIO(tar.extractfile(member).read())
+            data = io.BytesIO(member_file(tar, member).read())
             return np.load(data, allow_pickle=False)[:chunk_size].copy()
 
     def seek() -> np.ndarray:

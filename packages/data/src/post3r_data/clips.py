@@ -89,6 +89,7 @@ def decode_video(sample: dict, fields: tuple[str, ...]) -> Video:
     for name in ("video", *fields):
         data = sample.get(f"{name}.npy")
         _expect(data is not None, key, source, f"has no {name}.npy")
+        assert data is not None  # _expect raised otherwise
         try:
             arrays[name] = NpyMember(data) if isinstance(data, TarMember) else decode_npy(data)
         except ValueError as error:
@@ -163,7 +164,7 @@ def crop_window(height: int, width: int, out_hw: tuple[int, int], scale: float) 
     """Size of a crop with the output's aspect ratio: `scale` times the largest that fits."""
     out_h, out_w = out_hw
     if width * out_h >= height * out_w:
-        crop_h, crop_w = height, height * out_w / out_h
+        crop_h, crop_w = float(height), height * out_w / out_h
     else:
         crop_h, crop_w = width * out_h / out_w, width
     return max(1, min(height, round(crop_h * scale))), max(1, min(width, round(crop_w * scale)))

@@ -278,7 +278,8 @@ def _batches(spec: _ClipSpec, batch_size: int, keep_partial: bool) -> Callable:
 
 def _rng_seeds(*entropy: int) -> tuple[int, int, int]:
     """Three independent 64-bit seeds (shards, clips, shuffle) from the stream's identity."""
-    return tuple(int(s) for s in np.random.SeedSequence(list(entropy)).generate_state(3, np.uint64))
+    shards, clips, shuffle = np.random.SeedSequence(list(entropy)).generate_state(3, np.uint64)
+    return int(shards), int(clips), int(shuffle)
 
 
 @dataclass
@@ -526,7 +527,7 @@ def make_train_loader(
         rank=rank,
         world_size=world_size,
         shuffle_buffer=max(1, shuffle_buffer),
-        crop_scale=tuple(crop_scale),
+        crop_scale=(float(crop_scale[0]), float(crop_scale[1])),
         clips_per_video=clips_per_video,
     )
     return TrainLoader(stream, steps_per_epoch, start_step, num_workers, pin_memory)

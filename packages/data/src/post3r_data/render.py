@@ -27,7 +27,7 @@ _EPS = 1e-4  # minimum ray parameter of a valid hit
 _SHADOW_OFFSET = 1e-3  # shadow rays start this far along the surface normal
 _INF = float("inf")
 
-Vec = tuple[Tensor, Tensor, Tensor]
+Vec = tuple[Tensor, ...]  # (x, y, z) components, each of the same shape
 
 
 @dataclass
@@ -108,6 +108,7 @@ def _box(o: Vec, d: Vec, half: Vec) -> Tensor:
         lo, hi_t = torch.minimum(t1, t2), torch.maximum(t1, t2)
         near = lo if near is None else torch.maximum(near, lo)
         far = hi_t if far is None else torch.minimum(far, hi_t)
+    assert near is not None and far is not None  # three axes
     return _hit(near <= far, near)
 
 

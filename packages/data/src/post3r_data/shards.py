@@ -13,11 +13,11 @@ import os
 import re
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 import numpy as np
 import webdataset as wds
@@ -164,7 +164,17 @@ class NpyMember:
         return array if dtype is None else array.astype(dtype)
 
 
-def read_local_shard(path: str, wanted: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
+def member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The contents of a regular file in a tar, with an error naming it otherwise."""
+    file = tar.extractfile(member)
+    if file is None:
+        raise ValueError(f"{member.name} in {tar.name!r} is not a regular file")
+    return file
+
+
+def read_local_shard(
+    path: str, wanted: Callable[[str], bool]
+) -> Generator[dict[str, Any], None, None]:
     """Samples of a local tar shard, grouped like webdataset's, but seeking instead of streaming.
 
     Fields that `wanted` rejects are skipped without being read. `.npy` fields come as
@@ -187,7 +197,7 @@ def read_local_shard(path: str, wanted: Callable[[str], bool]) -> Iterator[dict[
             if field.endswith(".npy"):
                 sample[field] = TarMember(file.fileno(), member.offset_data, member.size)
             else:
-                sample[field] = tar.extractfile(member).read()
+                sample[field] = member_file(tar, member).read()
         if sample is not None:
             yield sample
 
@@ -337,8 +347,8 @@ def summarize_shards(paths: Iterable[str | os.PathLike]) -> ShardSummary:
             for member in tar:
                 if member.name.endswith(".video.npy"):
                     total.videos += 1
-                    total.frames += _npy_header(tar.extractfile(member))[0][0]
+                    total.frames += _npy_header(member_file(tar, member))[0][0]
                 elif member.name.endswith(".meta.json"):
-                    meta = json.load(tar.extractfile(member))
+                    meta = json.load(member_file(tar, member))
                     total.objects += int(meta.get("num_objects", 0))
     return total

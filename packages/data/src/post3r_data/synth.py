@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,7 +166,7 @@ def _place_objects(rng: np.random.Generator, config: SynthConfig, frames: int) -
         # objects), so a scene always has the number of objects drawn.
         for attempt in range(_PLACEMENT_ROUNDS * 200):
             if attempt and attempt % 200 == 0:
-                half = tuple(0.85 * h for h in half)
+                half = (0.85 * half[0], 0.85 * half[1], 0.85 * half[2])
             moving = attempt % 200 < 100
             speed = rng.uniform(0, _MAX_SPEED * config.object_motion) if moving else 0.0
             heading = rng.uniform(0, 2 * np.pi)
@@ -358,7 +359,7 @@ def render_videos(
     size: int = 64,
     frames: int = 8,
     config: SynthConfig | None = None,
-) -> list[dict[str, np.ndarray]]:
+) -> list[dict[str, Any]]:
     """Render videos as dicts of arrays in shard layout (see the README for fields and dtypes).
 
     Runs on one torch thread (see `_single_threaded`); the bytes do not depend on it.

@@ -157,7 +157,7 @@ def _instance_masks(
     return np.stack(channels, axis=-1)
 
 
-def convert_video(task: _Task) -> dict[str, bytes]:
+def convert_video(task: _Task) -> dict[str, bytes | str]:
     """One video as an encoded shard sample; raises BadVideoError naming the video."""
     video = task.video
     files = video.get("file_names") or []
@@ -191,7 +191,7 @@ def convert_video(task: _Task) -> dict[str, bytes]:
     }
 
 
-def _try_convert(task: _Task) -> dict[str, bytes] | BadVideoError:
+def _try_convert(task: _Task) -> dict[str, bytes | str] | BadVideoError:
     """Return the error instead of raising, so the pool keeps going and the main decides."""
     try:
         return convert_video(task)
@@ -271,7 +271,7 @@ def convert_ytvis(
     summaries = dict(previous.get("splits", {}))
 
     def save_info(complete: bool) -> None:
-        info = {"dataset": DATASET, "settings": settings, "splits": summaries}
+        info: dict[str, Any] = {"dataset": DATASET, "settings": settings, "splits": summaries}
         info |= {"skipped": result.skipped, "complete": complete}
         write_json_atomic(output_dir / f"{DATASET}-info.json", info)
 

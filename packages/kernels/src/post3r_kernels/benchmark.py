@@ -15,6 +15,7 @@ the backbone stores q/k, a (B, N, H, D) projection viewed as (B, H, N, D). Figur
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import statistics
 import sys
@@ -62,6 +63,10 @@ class Timing:
     forward_backward: float | None
 
 
+def _rope_with(x: torch.Tensor, positions: torch.Tensor, impl: str) -> torch.Tensor:
+    return rope2d(x, positions, impl=impl)
+
+
 def call_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
     """Time of one call of ``fn`` in ms: on a GPU the median over CUDA events with a flushed L2
     cache, on a CPU the fastest call (the least disturbed by other processes)."""
@@ -76,13 +81,13 @@ def call_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
         return min(times)  # on a shared CPU the fastest call is the least disturbed one
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
-    for start, end in events:
+    for begin, finish in events:
         flush.zero_()
-        start.record()
+        begin.record()
         fn()
-        end.record()
+        finish.record()
     torch.cuda.synchronize(device)
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return statistics.median(begin.elapsed_time(finish) for begin, finish in events)
 
 
 def make_case(shape: tuple[int, int, int, int], dtype_name: str, device: torch.device) -> Case:
@@ -133,7 +138,7 @@ def implementations(names: Sequence[str]) -> dict[str, Rope]:
             torch._dynamo.reset()  # a clean cache per shape: no shape falls back to eager
             chosen[name] = torch.compile(rope2d_torch, dynamic=False)
         else:
-            chosen[name] = lambda x, pos, name=name: rope2d(x, pos, impl=name)
+            chosen[name] = functools.partial(_rope_with, impl=name)
     return chosen
 
 

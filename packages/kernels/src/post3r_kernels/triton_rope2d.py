@@ -137,7 +137,7 @@ def _heads_per_program(n_heads: int, token_programs: int, block_h: int) -> int:
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     """A dense tensor shaped like ``x`` whose dims are ordered in memory as x's are (by stride)."""
-    order = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
+    order = sorted(range(x.ndim), key=lambda d: (-x.stride()[d], d))
     dense = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device)
     return dense.permute([order.index(d) for d in range(x.ndim)])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def check_shape(tensor: object, name: str, dims: str, **sizes: int) -> dict[str, int]:
+def check_shape(tensor: object, name: str, dims: str, **sizes: int | None) -> dict[str, int]:
     """Check that ``tensor`` has the named layout ``dims`` and return the size of every dim.
 
     ``dims`` is a space-separated list of dim names, e.g. ``"B K N"``; one name may be written in

@@ -8,7 +8,7 @@ out on its own.
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class MLPDecoder(nn.Module):
         """Decode slots (B, [T,] K, Ds)."""
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
         video = "T" in sizes
-        first = self.layers[0]
+        first = cast(nn.Linear, self.layers[0])
         x = _fold_time(slots, video)
         hidden = first(x)[:, :, None, :] + F.linear(self.pos_embed, first.weight)  # (B, K, N, h)
         for layer in self.layers[1:]:

@@ -175,7 +175,7 @@ class RecurrentSlotCorrector(nn.Module):
         slot_positions = slot_grid_positions(num_slots, features.device).expand(batch, -1, -1)
         slot_positions = slot_positions.contiguous()
         memory = self.project_features(self.norm_features(features))
-        previous, gate_logit = slots, 0.0
+        previous, gate_logit = slots, slots.new_zeros(())
         for block in self.blocks:
             slots, logits = block(slots, slot_positions, memory, positions)
             gate_logit = gate_logit + logits.mean(dim=(1, 3))  # over heads and patches

@@ -16,7 +16,7 @@ from typing import IO
 
 
 def atomic_write(
-    path: Path, write: Callable[[IO[bytes]], None], *, make_parents: bool = False
+    path: Path, write: Callable[[IO[bytes]], object], *, make_parents: bool = False
 ) -> Path:
     """Write `path` through `write(file)` atomically; `make_parents` creates its folder first.
     Returns `path`."""

@@ -24,11 +24,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from omegaconf import DictConfig
 
 from post3r_kernels.timing import synchronize
+from post3r_train.batch import Batch
 from post3r_train.config import frame_size, load_config, trainer_config
 from post3r_train.engine.trainer import autocast
 from post3r_train.model import POST3RModel
@@ -58,7 +60,7 @@ class Result:
     trainable_m: float
 
 
-def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
+def synthetic_batch(cfg: DictConfig, device: torch.device) -> Batch:
     """A training batch of the config's shapes: frames, ids, pointmaps 5 units in front of an
     identity camera (and, for `model.teacher.name=cached`, the cached teacher's maps at the
     decoder's resolution, as the loader delivers them)."""
@@ -80,7 +82,7 @@ def synthetic_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Te
         batch["teacher_pointmap"] = cached
         batch["teacher_confidence"] = 1 + torch.rand(b, t, dh, dw, generator=generator)
         batch["teacher_camera_to_world"] = torch.eye(4).expand(b, t, 4, 4).clone()
-    return {key: value.to(device) for key, value in batch.items()}
+    return cast(Batch, {key: value.to(device) for key, value in batch.items()})
 
 
 def _meta_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
@@ -125,7 +127,7 @@ def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> R
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            loss, _ = model.training_step(dict(batch))
+            loss, _ = model.training_step(batch.copy())
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -133,7 +135,7 @@ def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> R
     @torch.no_grad()
     def frozen_forward() -> None:
         with autocast(device, precision):
-            teacher = model._teacher(dict(batch), None, True)
+            teacher = model._teacher(batch.copy(), None, True)
             if model.encoder is not None and not any(
                 p.requires_grad for p in model.encoder.parameters()
             ):

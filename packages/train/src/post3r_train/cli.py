@@ -13,14 +13,18 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from post3r_train.config import ConfigError, load_config, optim_config, resolved, trainer_config
 from post3r_train.runs import run_config_path
+
+if TYPE_CHECKING:  # the engine (torch.distributed) is imported when a run starts
+    from post3r_train.engine import FitResult, TrainModule
 
 log = logging.getLogger("post3r_train")
 
@@ -171,7 +175,7 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run(model: torch.nn.Module, batches, cfg: DictConfig) -> int:
+def dry_run(model: TrainModule, batches: Iterable[dict], cfg: DictConfig) -> int:
     """One batch forward and backward; checks that every trainable parameter got a gradient."""
     batch = next(iter(batches))
     model.train()
@@ -193,7 +197,7 @@ def dry_run(model: torch.nn.Module, batches, cfg: DictConfig) -> int:
     return 0
 
 
-def summary(result, seconds: float) -> str:
+def summary(result: FitResult, seconds: float) -> str:
     """The final report: headline validation metrics, time and the run directory."""
     lines = [f"finished at step {result.step} ({result.stop_reason}) in {seconds / 60:.1f} min"]
     metrics = result.val_metrics

@@ -315,7 +315,7 @@ def flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every leaf key of `cfg` in dotted form (free-form dicts count as leaves)."""
     keys = []
     for key in cfg:
-        full = f"{prefix}{key}"
+        full = prefix + str(key)
         node = cfg._get_node(key)  # avoids resolving interpolations
         if isinstance(node, DictConfig) and node._metadata.object_type not in (None, dict):
             keys += flat_keys(node, f"{full}.")
@@ -390,8 +390,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loss.feature_weight <= 0 and (m.teacher.name == "none" or cfg.loss.pointmap_weight <= 0):
         raise ConfigError("no reconstruction loss: set loss.feature_weight or loss.pointmap_weight")
     try:
-        OmegaConf.to_object(cfg.trainer).validate()
-        OmegaConf.to_object(cfg.optim).validate()
+        trainer_config(cfg).validate()
+        optim_config(cfg).validate()
     except ValueError as error:
         raise ConfigError(str(error)) from error
 

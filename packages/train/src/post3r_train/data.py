@@ -45,14 +45,13 @@ def scene_config(cfg: DictConfig) -> SynthConfig:
     from post3r_data import SynthConfig
 
     scene_fields = {f.name for f in dataclasses.fields(SynthConfig)}
-    settings = synthetic_settings(cfg)
-    return SynthConfig(
-        **{
-            name: tuple(value) if isinstance(value, list) else value
-            for name, value in settings.items()
-            if name in scene_fields
-        }
-    )
+    settings: dict[str, Any] = synthetic_settings(cfg)
+    knobs: dict[str, Any] = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in settings.items()
+        if name in scene_fields
+    }
+    return SynthConfig(**knobs)
 
 
 def default_synthetic_root(cfg: DictConfig) -> Path:

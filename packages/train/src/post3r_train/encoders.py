@@ -7,7 +7,7 @@ returns `EncoderOutput`: tokens (B, T, N, D) on an h×w patch grid, row-major.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,9 @@ class DinoV2Encoder(nn.Module):
     nothing is downloaded. `pretrained=False` builds random weights (tests only).
     """
 
+    vit: Any  # a timm VisionTransformer, read through attributes nn.Module cannot type
+    dim: int
+
     def __init__(
         self,
         timm_model: str = "vit_base_patch14_dinov2",
@@ -125,6 +128,8 @@ class DinoV2Encoder(nn.Module):
         self.block = block
         self.image_size = image_size
         self.dim = self.vit.embed_dim
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def save_video(path: Path, frames: np.ndarray, fps: float) -> Path:
 
     def write(file: IO[bytes]) -> None:
         with av.open(file, mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=max(1, round(fps)))
+            stream = cast(av.VideoStream, container.add_stream(codec, rate=max(1, round(fps))))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for image in frames[:, :height, :width]:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
@@ -126,6 +126,8 @@ def _enlarge(images: np.ndarray) -> np.ndarray:
 
 def write_outputs(frames: torch.Tensor, result: dict, output: Path, fps: float) -> list[Path]:
     masks = result.get("feature_image_masks", result.get("pointmap_image_masks"))
+    if masks is None:
+        raise ValueError("the model returned no masks (it has neither decoder)")
     ids = masks.argmax(1).numpy().astype(np.uint8)  # (T, H, W)
     colors = palette(masks.shape[1])
     paths = [save_video(output / "masks.mp4", _enlarge(colors[ids]), fps)]

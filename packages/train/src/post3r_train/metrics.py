@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torch import Tensor
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from post3r_slots import (
     ImageARI,
@@ -47,7 +47,7 @@ class ImageMasks:
 def make_metrics(*, feature: bool, pointmap: bool, contrastive: bool) -> MetricCollection:
     """Fresh metrics for a model with the feature and/or pointmap decoder and (or not) the
     contrastive loss."""
-    metrics: dict[str, nn.Module] = {}
+    metrics: dict[str, Metric | MetricCollection] = {}
     decoders = [name for name, built in (("feature", feature), ("pointmap", pointmap)) if built]
     for decoder in decoders:
         for name, metric in MASK_METRICS.items():

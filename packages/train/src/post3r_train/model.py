@@ -142,7 +142,9 @@ class POST3RModel(TrainModule):
         self.processor = processor
         self.feature_decoder = feature_decoder
         self.pointmap_decoder = pointmap_decoder
-        self.image_size, self.grid, self.loss_cfg = tuple(image_size), tuple(grid), loss
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.loss_cfg = loss
         self.feature_target, self.pointmap_frame = feature_target, pointmap_frame
         self.visualize_enabled, self.visualize_every = visualize, visualize_every
 
@@ -156,7 +158,7 @@ class POST3RModel(TrainModule):
     @property
     def num_slots(self) -> int:
         """K, the slots per frame (the initialiser's count)."""
-        return int(self.processor.initializer.base.num_slots)
+        return int(cast(Any, self.processor.initializer).base.num_slots)
 
     @property
     def patch_area(self) -> int:
@@ -299,13 +301,14 @@ class POST3RModel(TrainModule):
         )
 
     def visualize(
-        self, batch: Batch, outputs: ValidationOutput, directory: Path, step: int
+        self, batch: Batch, outputs: ValidationOutput, directory: Path, step: int | None
     ) -> None:
         """Mask overlays (PNG, GIF) and per-slot point clouds (PLY) of the validation at
-        `step`; with `model.visualize_every_n_steps=N` only at multiples of N."""
+        training step `step`; with `model.visualize_every_n_steps=N` only at multiples of N
+        (an evaluation, step None, always writes them)."""
         if not self.visualize_enabled:
             return
-        if self.visualize_every and step % self.visualize_every:
+        if self.visualize_every and step is not None and step % self.visualize_every:
             return
         from post3r_train.visualize import write_validation_visuals
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from post3r_train.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # the model (torch, timm) is imported when a run is loaded
+    from post3r_train.model import POST3RModel
 
 
 def run_config_path(run_or_checkpoint: Path) -> Path | None:
@@ -25,7 +29,7 @@ def load_run(
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
     data_dir: str | Path | None = None,
-):
+) -> tuple[DictConfig, POST3RModel, Path]:
     """(config, model with the checkpoint's weights, checkpoint path) of a run directory or a
     checkpoint file. The config is the run's config.yaml unless `config` is given."""
     from post3r_train.engine import find_checkpoint, read_checkpoint

@@ -147,6 +147,7 @@ class TTT3RTeacher(nn.Module):
         # state is never reset after the first frame.
         # The run's autocast applies; the backbone runs its heads and state in float32 itself.
         out, state = self.backbone.forward_video(frames, state=state, outputs=self.outputs)
+        assert out.camera_to_world is not None  # in self.outputs, so always computed
         grid = None
         if out.enc_tokens is not None:
             grid = (frames.shape[-2] // self.patch_size, frames.shape[-1] // self.patch_size)

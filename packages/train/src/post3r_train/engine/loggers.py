@@ -34,7 +34,7 @@ class MetricsCSV:
     def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         self.columns: list[str] = ["step"]
-        rows = []
+        rows: list[dict[str, str]] = []
         if self.path.is_file():
             self.columns, rows = self._read()
         self._rewrite([row for row in rows if _keep(row, keep_until_step)])

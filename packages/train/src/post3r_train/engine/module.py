@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from post3r_train.errors import StateDictMismatchError
+
+BatchT = TypeVar("BatchT")
 
 if TYPE_CHECKING:  # torchmetrics is slow to import; only the model's make_metrics needs it
     from torchmetrics import MetricCollection
@@ -113,13 +115,17 @@ def _under(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(prefix + ".") for prefix in prefixes)
 
 
-def move_to_device(batch: object, device: torch.device) -> object:
+def move_to_device(batch: BatchT, device: torch.device) -> BatchT:
     """Tensors (in dicts, lists and tuples) moved to `device`; other values left alone."""
+    return cast(BatchT, _moved(batch, device))
+
+
+def _moved(batch: object, device: torch.device) -> object:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
+        return {key: _moved(value, device) for key, value in batch.items()}
     if isinstance(batch, list | tuple):
-        moved = [move_to_device(value, device) for value in batch]
+        moved = [_moved(value, device) for value in batch]
         return moved if isinstance(batch, list) else tuple(moved)
     return batch

@@ -209,7 +209,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "16")
         self.metrics = module.make_metrics().to(env.device)
         self.metrics.persistent(True)
-        self.net = self._wrap(_TrainingStep(module))
+        self.net: Any = self._wrap(_TrainingStep(module))  # DistributedDataParallel or not
         self.step = 0
         self.data_position = 0  # batches this rank has consumed
         self.nan_skipped = 0
@@ -399,7 +399,7 @@ class Trainer:
             parts={name: float(total[4 + i]) / world for i, name in enumerate(names)},
             grad_norm=float(grad_norm),
             samples=local.samples * world,
-            lr=self.scheduler.get_last_lr()[0],
+            lr=float(self.scheduler.get_last_lr()[0]),
         )
 
     def _clip_gradients(self) -> Tensor:
