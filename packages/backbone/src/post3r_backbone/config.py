@@ -286,13 +286,13 @@ def parse_constructor_string(text: str) -> dict[str, Any]:
         raise TTT3RConfigError(
             f"model constructor string is not valid Python syntax: {error}"
         ) from None
-    if _call_name(node) == _MODEL_CALL:
+    if isinstance(node, ast.Call) and _call_name(node) == _MODEL_CALL:
         if len(node.args) != 1 or node.keywords:
             raise TTT3RConfigError(
                 f"{_MODEL_CALL}(...) must wrap exactly one {_CONFIG_CALL}(...) call"
             )
         node = node.args[0]
-    if _call_name(node) != _CONFIG_CALL or node.args:
+    if not isinstance(node, ast.Call) or _call_name(node) != _CONFIG_CALL or node.args:
         raise TTT3RConfigError(
             f"expected {_MODEL_CALL}({_CONFIG_CALL}(key=value, ...)), got: {text[:120]!r}"
         )
@@ -330,7 +330,8 @@ def _literal(node: ast.AST, text: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return -value if isinstance(node.op, ast.USub) else value
     if (
-        _call_name(node) == "float"
+        isinstance(node, ast.Call)
+        and _call_name(node) == "float"
         and len(node.args) == 1
         and not node.keywords
         and isinstance(node.args[0], ast.Constant)

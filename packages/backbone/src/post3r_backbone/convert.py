@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from post3r_backbone.config import TTT3RConfigError, matching_preset
 from post3r_backbone.model import TTT3R
 
 
-def convert(source: Path, target: Path, progress: bool = True) -> dict[str, object]:
+def convert(source: Path, target: Path, progress: bool = True) -> dict[str, Any]:
     """Convert ``source`` (.pth) to ``target`` (.safetensors); returns a summary."""
     start = time.perf_counter()
     config, state_dict, ignored = read_original_checkpoint(source)

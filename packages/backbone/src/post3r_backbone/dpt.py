@@ -7,6 +7,8 @@ including the quirk that ``scratch.layer_rn.{0..3}`` is a second name for ``scra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -90,13 +92,14 @@ class DPTAdapter(nn.Module):
     def forward(self, tokens: list[Tensor], image_size: tuple[int, int]) -> Tensor:
         grid = (image_size[0] // self.patch_size, image_size[1] // self.patch_size)
         maps = [t.transpose(1, 2).unflatten(2, grid) for t in tokens]
+        scratch: Any = self.scratch  # a plain nn.Module holding the original's sub-module names
         maps = [
             rn(post(m))
-            for m, post, rn in zip(maps, self.act_postprocess, self.scratch.layer_rn, strict=True)
+            for m, post, rn in zip(maps, self.act_postprocess, scratch.layer_rn, strict=True)
         ]
         # The stride-32 branch is rounded up for odd grids; crop it to the stride-16 branch.
-        path = self.scratch.refinenet4(maps[3])[:, :, : maps[2].shape[2], : maps[2].shape[3]]
-        path = self.scratch.refinenet3(path, maps[2])
-        path = self.scratch.refinenet2(path, maps[1])
-        path = self.scratch.refinenet1(path, maps[0])
+        path = scratch.refinenet4(maps[3])[:, :, : maps[2].shape[2], : maps[2].shape[3]]
+        path = scratch.refinenet3(path, maps[2])
+        path = scratch.refinenet2(path, maps[1])
+        path = scratch.refinenet1(path, maps[0])
         return self.head(path)

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -253,7 +254,9 @@ class TTT3R(nn.Module):
             ray_map = self._check_ray_map(ray_map, image)
         return self._step(image, state, update, ray_map, self._resolve_outputs(outputs))
 
-    def forward(self, frame: Tensor, state: BackboneState, reset: Tensor | None = None, **kwargs):
+    def forward(
+        self, frame: Tensor, state: BackboneState, reset: Tensor | None = None, **kwargs: Any
+    ) -> tuple[BackboneOutput, BackboneState]:
         """Same as ``step`` (so hooks and ``model(frame, state)`` work)."""
         return self.step(frame, state, reset, **kwargs)
 
@@ -285,7 +288,7 @@ class TTT3R(nn.Module):
         self._check_state(state, batch)
         resets = self._video_resets(reset, batch, length)
         wanted = self._resolve_outputs(outputs)
-        collected: dict[str, Tensor | tuple[Tensor, ...]] = {}
+        collected: dict[str, Any] = {}  # tensors, or tuples of tensors, per output field
         for t in tqdm(range(length), desc="TTT3R", unit="frame", disable=not progress):
             if resets is not None:
                 state = self.reset_state(state, resets[:, t])
@@ -431,6 +434,7 @@ class TTT3R(nn.Module):
         keep = torch.ones_like(state.fresh) if update is None else update
         weight = keep.to(torch.float32)[:, None]  # (B, 1)
         if self.update_rule == "ttt3r":
+            assert gate is not None, "the ttt3r update rule blends by the gate"
             weight = torch.where(state.fresh[:, None], weight, weight * gate)  # (B, S)
         weight = weight[..., None]
         tokens = candidate * weight + state.tokens * (1 - weight)
@@ -523,8 +527,8 @@ class TTT3R(nn.Module):
 
     def _resolve_outputs(self, outputs: Collection[str] | str | None) -> frozenset[str]:
         if outputs is None or outputs == "all":
-            names = DEFAULT_OUTPUTS if outputs is None else OUTPUT_FIELDS
-            return frozenset(n for n in names if n != "rgb" or self.config.rgb_head)
+            fields = DEFAULT_OUTPUTS if outputs is None else OUTPUT_FIELDS
+            return frozenset(n for n in fields if n != "rgb" or self.config.rgb_head)
         if isinstance(outputs, str):
             names = frozenset([outputs])
         elif isinstance(outputs, Collection):

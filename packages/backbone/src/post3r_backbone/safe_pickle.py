@@ -34,6 +34,9 @@ class StandIn:
     """Inert replacement for a class or function named in a pickle; keeps arguments and state."""
 
     qualified_name = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
         instance = super().__new__(cls)
