@@ -1,4 +1,5 @@
-"""Shape checks that name the argument and the expected layout in their error messages."""
+"""The package's one set of argument checks: shapes, positive values and counts, each error naming
+the argument and what was expected."""
 
 from __future__ import annotations
 
@@ -46,3 +47,9 @@ def check_positive(value: float, name: str) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive number."""
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def check_at_least_one(value: int, name: str) -> None:
+    """Raise ``ValueError`` unless the count ``value`` is at least 1."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

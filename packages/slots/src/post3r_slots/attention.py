@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from post3r_slots._checks import check_shape
+from post3r_slots._checks import check_at_least_one, check_shape
 
 
 class SlotAttentionOutput(NamedTuple):
@@ -32,11 +32,6 @@ class ResidualMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
-
-
-def _check_iterations(value: int, name: str) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class SlotAttention(nn.Module):
@@ -80,8 +75,8 @@ class SlotAttention(nn.Module):
         super().__init__()
         if first_frame_iterations is None:
             first_frame_iterations = iterations
-        _check_iterations(iterations, "iterations")
-        _check_iterations(first_frame_iterations, "first_frame_iterations")
+        check_at_least_one(iterations, "iterations")
+        check_at_least_one(first_frame_iterations, "first_frame_iterations")
         qkv_dim = qkv_dim or slot_dim
         mlp_hidden_dim = 4 * slot_dim if mlp_hidden_dim is None else mlp_hidden_dim
         self.feature_dim, self.slot_dim = feature_dim, slot_dim
@@ -114,7 +109,7 @@ class SlotAttention(nn.Module):
         check_shape(features, "features", "B N D", B=sizes["B"], D=self.feature_dim)
         if iterations is None:
             iterations = self.first_frame_iterations if first_frame else self.iterations
-        _check_iterations(iterations, "iterations")
+        check_at_least_one(iterations, "iterations")
         features = self.norm_features(features)
         keys = self.to_k(features) * self.scale
         values = self.to_v(features)

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from post3r_train.checks import require_one_of, require_positive
 from post3r_train.engine import OptimConfig, TrainerConfig
 from post3r_train.errors import ConfigError
 
@@ -324,36 +325,26 @@ def flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _one_of(value: object, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-
-
-def _positive(value: float | None, key: str) -> None:
-    if value is not None and not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Check what the types cannot: choices, ranges and combinations, naming the key."""
     m, d = cfg.model, cfg.dataset
-    _one_of(m.encoder.name, ENCODERS, "model.encoder.name")
-    _one_of(m.teacher.name, TEACHERS, "model.teacher.name")
-    _one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
-    _one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
-    _one_of(m.pointmap_decoder.frame, POINTMAP_FRAMES, "model.pointmap_decoder.frame")
-    _one_of(
+    require_one_of(m.encoder.name, ENCODERS, "model.encoder.name")
+    require_one_of(m.teacher.name, TEACHERS, "model.teacher.name")
+    require_one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
+    require_one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
+    require_one_of(m.pointmap_decoder.frame, POINTMAP_FRAMES, "model.pointmap_decoder.frame")
+    require_one_of(
         m.feature_decoder.position_embedding,
         POSITION_EMBEDDINGS,
         "model.feature_decoder.position_embedding",
     )
-    _one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
-    _one_of(m.teacher.update_rule, UPDATE_RULES, "model.teacher.update_rule")
-    _positive(m.teacher.cache_resolution, "model.teacher.cache_resolution")
+    require_one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
+    require_one_of(m.teacher.update_rule, UPDATE_RULES, "model.teacher.update_rule")
+    require_positive(m.teacher.cache_resolution, "model.teacher.cache_resolution")
     for key in ("num_slots", "slot_dim", "num_iterations", "learning_rate"):
-        _positive(m[key], f"model.{key}")
+        require_positive(m[key], f"model.{key}")
     for key in ("batch_size", "val_batch_size", "chunk_size"):
-        _positive(d[key], f"dataset.{key}")
+        require_positive(d[key], f"dataset.{key}")
     if not d.train_resampling:
         raise ConfigError(
             "dataset.train_resampling=false is not supported: the training stream draws shards "

@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from post3r_train.checks import require
+
 # Accepted spellings (ours and Lightning's) of the three precisions.
 PRECISIONS = {
     **{name: "32" for name in ("32", "32-true")},
@@ -41,20 +43,20 @@ class OptimConfig:
     final_lr_factor: float = math.exp(-5.0)
 
     def validate(self, prefix: str = "optim") -> None:
-        _check(self.lr > 0, f"{prefix}.lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
-        _check(len(self.betas) == 2, f"{prefix}.betas must hold two numbers, got {self.betas}")
-        _check(
+        require(self.lr > 0, f"{prefix}.lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
+        require(len(self.betas) == 2, f"{prefix}.betas must hold two numbers, got {self.betas}")
+        require(
             self.scheduler in SCHEDULERS,
             f"{prefix}.scheduler={self.scheduler!r} is not one of {', '.join(SCHEDULERS)}",
         )
-        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0")
-        _check(
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0")
+        require(
             self.decay_steps is None or self.decay_steps > self.warmup_steps,
             f"{prefix}.decay_steps ({self.decay_steps}) must exceed warmup_steps "
             f"({self.warmup_steps}), or be null to decay until trainer.max_steps",
         )
-        _check(0 <= self.final_lr_factor <= 1, f"{prefix}.final_lr_factor must be in [0, 1]")
+        require(0 <= self.final_lr_factor <= 1, f"{prefix}.final_lr_factor must be in [0, 1]")
 
 
 @dataclass
@@ -88,38 +90,38 @@ class TrainerConfig:
 
     def validate(self, prefix: str = "trainer") -> None:
         for name in ("max_steps", "val_check_interval", "log_every_n_steps", "devices"):
-            _check(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1")
-        _check(
+            require(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1")
+        require(
             self.checkpoint_every_n_steps >= 1,
             f"{prefix}.checkpoint_every_n_steps must be >= 1",
         )
-        _check(self.accumulate_grad_batches >= 1, f"{prefix}.accumulate_grad_batches must be >= 1")
-        _check(
+        require(self.accumulate_grad_batches >= 1, f"{prefix}.accumulate_grad_batches must be >= 1")
+        require(
             self.keep_checkpoints >= 1 or self.keep_checkpoints == -1,
             f"{prefix}.keep_checkpoints must be >= 1, or -1 to keep every step=*.ckpt",
         )
-        _check(
+        require(
             str(self.precision) in PRECISIONS,
             f"{prefix}.precision={self.precision!r} is not one of 32, 16, bf16",
         )
-        _check(
+        require(
             self.nan_policy in NAN_POLICIES,
             f"{prefix}.nan_policy={self.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}",
         )
-        _check(self.max_nan_skips >= 0, f"{prefix}.max_nan_skips must be >= 0")
-        _check(
+        require(self.max_nan_skips >= 0, f"{prefix}.max_nan_skips must be >= 0")
+        require(
             self.accelerator in ACCELERATORS,
             f"{prefix}.accelerator={self.accelerator!r} is not one of {', '.join(ACCELERATORS)}",
         )
-        _check(
+        require(
             self.gradient_clip_val is None or self.gradient_clip_val > 0,
             f"{prefix}.gradient_clip_val must be > 0, or null for no clipping",
         )
-        _check(
+        require(
             self.limit_val_batches is None or self.limit_val_batches >= 1,
             f"{prefix}.limit_val_batches must be >= 1, or null for the whole validation set",
         )
-        _check(
+        require(
             self.matmul_precision in ("highest", "high", "medium"),
             f"{prefix}.matmul_precision must be highest, high or medium",
         )
@@ -138,14 +140,11 @@ class TrainerConfig:
 
 def parse_duration(text: str) -> float:
     """Seconds in `DD:HH:MM:SS` (leading fields optional: `HH:MM:SS`, `MM:SS`)."""
-    if not re.fullmatch(r"\d+(:\d+){0,3}", str(text)):
-        raise ValueError(f"trainer.max_time={text!r} is not DD:HH:MM:SS (e.g. 00:23:30:00)")
+    require(
+        re.fullmatch(r"\d+(:\d+){0,3}", str(text)) is not None,
+        f"trainer.max_time={text!r} is not DD:HH:MM:SS (e.g. 00:23:30:00)",
+    )
     seconds = 0
     for part, unit in zip(reversed(str(text).split(":")), (1, 60, 3600, 86400), strict=False):
         seconds += int(part) * unit
     return float(seconds)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
