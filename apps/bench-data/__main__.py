@@ -5,6 +5,6 @@ Run from the repository root: `uv run apps/bench-data --help`.
 
 from post3r_data.benchmark import main
 
-# Guarded so that worker processes started with 'spawn' do not run the CLI again.
+# Guarded: worker processes (spawn, DDP) import this file without running the command again.
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -5,5 +5,6 @@ Run from the repository root: `uv run apps/bench-slots --help`.
 
 from post3r_slots.benchmark import main
 
-if __name__ == "__main__":  # the benchmark's worker processes import this file too
+# Guarded: worker processes (spawn, DDP) import this file without running the command again.
+if __name__ == "__main__":
     raise SystemExit(main())
