@@ -140,6 +140,7 @@ def _decode_teacher(sample: dict, key: str, source: str, num_frames: int) -> dic
     for name in TEACHER_FIELDS:
         data = sample.get(f"{name}.npy")
         _expect(data is not None, key, source, f"its teacher cache entry has no {name}.npy")
+        assert data is not None  # _expect raised otherwise
         try:
             arrays[name] = NpyMember(data) if isinstance(data, TarMember) else decode_npy(data)
         except ValueError as error:
@@ -294,6 +295,7 @@ def finish_clip(
 def _teacher_maps(clip: Clip, teacher_hw: tuple[int, int] | None) -> dict[str, np.ndarray]:
     if teacher_hw is None:
         raise ValueError("a clip with cached teacher maps needs teacher_hw (their output size)")
+    assert clip.teacher is not None  # the caller checked
     points = clip.teacher["teacher_pointmap"]
     rows, cols = crop_indices(clip.box, clip.frame_hw, points.shape[1:3], teacher_hw)
     return {

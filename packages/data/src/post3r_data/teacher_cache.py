@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from post3r_data.shards import write_json_atomic
+from post3r_data.shards import member_file, write_json_atomic
 
 CACHE_INFO = "teacher-cache.json"
 FORMAT_VERSION = 1
@@ -168,7 +168,7 @@ class SidecarShardWriter:
             raise RuntimeError("end_video() the previous video first")
         if "." in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no dot")
-        self._key, self._video = key, _VideoSpool(self.tmp.parent, num_frames, tuple(size))
+        self._key, self._video = key, _VideoSpool(self.tmp.parent, num_frames, (size[0], size[1]))
         return self._video
 
     def end_video(self) -> None:
@@ -261,7 +261,7 @@ def read_sidecar(path: str | os.PathLike) -> Iterator[dict[str, np.ndarray]]:
                 yield sample
                 sample = {}
             sample["__key__"] = key
-            data = tar.extractfile(member).read()
+            data = member_file(tar, member).read()
             sample[field.removesuffix(".npy")] = decode_npy(data)
         if sample:
             yield sample

@@ -67,7 +67,7 @@ def synthetic_batch(cfg: DictConfig, device: torch.device) -> Batch:
     b, t = cfg.dataset.batch_size, cfg.dataset.chunk_size
     h = w = frame_size(cfg)
     if device.type == "meta":
-        return _meta_batch(cfg, device)
+        return cast(Batch, _meta_batch(cfg, device))
     generator = torch.Generator().manual_seed(0)
     points = torch.randn(b, t, h, w, 3, generator=generator) + torch.tensor([0.0, 0.0, 5.0])
     batch = {
@@ -230,12 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config or "ytvis2021", args.overrides, device, args.steps, args.warmup
         )
     if args.config:
-        device = (
+        device_name = (
             "cuda"
             if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
             else "cpu"
         )
-        cases = [Case(args.config, args.config, device)]
+        cases = [Case(args.config, args.config, device_name)]
     else:
         cases = default_cases(args.device)
     _print_machine()

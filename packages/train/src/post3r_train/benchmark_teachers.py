@@ -89,7 +89,7 @@ def measure_steps(cfg: DictConfig, device: torch.device, steps: int, warmup: int
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            loss, _ = model.training_step(dict(batch))
+            loss, _ = model.training_step(batch.copy())
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -129,8 +129,11 @@ def precision_differences(frames: int = 8, size: int = 64) -> dict[str, float]:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half, _ = backbone.forward_video(video, outputs=outputs)
 
-    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    def relative(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+        assert a is not None and b is not None  # asked for in `outputs`
         return float((a.float() - b.float()).abs().mean() / b.float().abs().mean())
+
+    assert full.pts3d_world is not None and full.conf_world is not None  # in `outputs`
 
     return {
         "bf16 pointmap": relative(half.pts3d_world, full.pts3d_world),

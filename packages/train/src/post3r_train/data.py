@@ -226,5 +226,5 @@ def teacher_cache_spec(cfg: DictConfig, root: Path) -> TeacherCacheSpec | None:
     from post3r_data.teacher_cache import TeacherCacheSpec
     from post3r_train.teacher_cache import cache_dir
 
-    resolution = tuple(int(x) for x in cfg.model.decoder_resolution)
-    return TeacherCacheSpec(cache_dir(cfg, root), resolution)
+    height, width = (int(x) for x in cfg.model.decoder_resolution)
+    return TeacherCacheSpec(cache_dir(cfg, root), (height, width))

@@ -37,3 +37,7 @@ class StateDictMismatchError(TrainError, ValueError):
 
 class NonFiniteLossError(TrainError, RuntimeError):
     """The loss or the gradient was NaN/inf and `trainer.nan_policy` says stop."""
+
+
+class TeacherCacheError(TrainError, RuntimeError):
+    """A teacher cache that is missing, unfinished or made by another teacher or other data."""

@@ -30,16 +30,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from post3r_train.config import ConfigError, load_config
+from post3r_train.errors import TeacherCacheError
 
 log = logging.getLogger("post3r_train")
 
 DEFAULT_CACHE_NAME = "teacher-cache"
 STORAGE = {"pointmap": "float16", "confidence": "float16", "camera_to_world": "float32"}
 SPLITS = ("train", "validation")
-
-
-class TeacherCacheError(RuntimeError):
-    """A teacher cache that is missing, unfinished or made by another teacher or other data."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,6 +270,8 @@ class _Teacher:
             frame = F.interpolate(frame, size=size, mode="bilinear", antialias=True).clamp(0, 1)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out, state = self.backbone.step(frame, state, outputs=self.outputs)
+            assert out.pts3d_world is not None and out.conf_world is not None  # in self.outputs
+            assert out.camera_to_world is not None
             points = _nearest(out.pts3d_world.float().permute(0, 3, 1, 2), stored)
             confidence = _nearest(out.conf_world.float()[:, None], stored)
             spool.add(
@@ -304,7 +303,8 @@ def _cache_shard(teacher: _Teacher, shard: str, sidecar: Path, progress) -> dict
                     f"sample {sample['__key__']!r} of {shard}: video.npy must be uint8 "
                     f"(T, H, W, 3), got {frames.dtype} {frames.shape}"
                 )
-            size = stored_size(*frames.shape[1:3], teacher.short_side)
+            height, width = frames.shape[1:3]
+            size = stored_size(height, width, teacher.short_side)
             spool = writer.begin_video(sample["__key__"], frames.shape[0], size)
             teacher.video(frames, spool, progress)
             writer.end_video()
@@ -407,6 +407,7 @@ def build_cache(
     ) as bar:
         for shard in todo:
             sidecar = sidecar_path(output, shard)
+            assert teacher is not None  # built whenever there is a shard to do
             record = _cache_shard(teacher, shard, sidecar, bar)
             write_record(sidecar, record)
             summary.shards_written += 1
