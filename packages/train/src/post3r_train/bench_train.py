@@ -22,7 +22,7 @@ import argparse
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -113,9 +113,11 @@ def _timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> Result:
-    device = torch.device(case.device)
-    cfg = load_config(case.config, [*RANDOM_FROZEN, *case.overrides, *overrides])
+def make_train_step(
+    cfg: DictConfig, device: torch.device
+) -> tuple[POST3RModel, Batch, Callable[[], None]]:
+    """The model, a synthetic batch, and one training step on it (forward under the config's
+    precision, backward, AdamW) as a call: what the benchmarks time."""
     precision = trainer_config(cfg).precision_mode
     torch.manual_seed(0)
     model = POST3RModel.from_config(cfg).to(device).train()
@@ -131,6 +133,15 @@ def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> R
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+
+    return model, batch, train_step
+
+
+def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> Result:
+    device = torch.device(case.device)
+    cfg = load_config(case.config, [*RANDOM_FROZEN, *case.overrides, *overrides])
+    precision = trainer_config(cfg).precision_mode
+    model, batch, train_step = make_train_step(cfg, device)
 
     @torch.no_grad()
     def frozen_forward() -> None:
@@ -160,7 +171,7 @@ def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> R
         steps_per_s=1.0 / step_s,
         frozen_share=frozen_s / step_s,
         peak_memory_gb=peak,
-        trainable_m=sum(p.numel() for p in params) / 1e6,
+        trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )
 
 

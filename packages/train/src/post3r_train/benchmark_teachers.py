@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from post3r_train.bench_train import RANDOM_FROZEN, _timed, synthetic_batch
-from post3r_train.config import load_config, trainer_config
-from post3r_train.engine.validation import autocast
+from post3r_train.bench_train import RANDOM_FROZEN, _timed, make_train_step, synthetic_batch
+from post3r_train.config import load_config
 from post3r_train.model import POST3RModel
 
 TEACHERS = ("ttt3r", "cached")
@@ -78,21 +77,7 @@ def count_flops(config: str, overrides: Sequence[str]) -> float:
 
 def measure_steps(cfg: DictConfig, device: torch.device, steps: int, warmup: int) -> tuple:
     """(steps/s, peak memory in GiB) of training steps on synthetic batches."""
-    precision = trainer_config(cfg).precision_mode
-    torch.manual_seed(0)
-    model = POST3RModel.from_config(cfg).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = synthetic_batch(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16")
-
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss, _ = model.training_step(batch.copy())
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    _, _, train_step = make_train_step(cfg, device)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
