@@ -83,7 +83,7 @@ def tiny_reference_model(tiny_reference_config, tiny_reference_weights) -> TTT3R
 
 @pytest.fixture
 def tiny_model() -> TTT3R:
-    """The ``tiny`` preset with seeded random weights (3 M parameters), frozen."""
+    """The `tiny` preset with seeded random weights (3 M parameters), frozen."""
     torch.manual_seed(0)
     return TTT3R(TTT3RConfig.preset("tiny")).freeze()
 

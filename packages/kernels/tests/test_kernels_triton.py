@@ -1,6 +1,6 @@
 """Run the Triton cases (triton_kernel_cases.py) in a fresh process under Triton's CPU interpreter.
 
-TRITON_INTERPRET is read when ``@triton.jit`` decorates, so it cannot be switched on inside this
+TRITON_INTERPRET is read when `@triton.jit` decorates, so it cannot be switched on inside this
 pytest process (other tests may already have imported the kernels, and the setting would leak
 into other packages' tests in the same xdist worker). A subprocess with its own environment is
 isolated from both.

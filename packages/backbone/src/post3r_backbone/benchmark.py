@@ -4,7 +4,7 @@
     python -m post3r_backbone.benchmark --device cuda --preset ttt3r_512 --lengths 16 64 256
 
 Weights are random (speed does not depend on them). Each run streams T frames through
-``model.step`` from a fresh state, dropping the outputs as a consumer would, after a few warm-up
+`model.step` from a fresh state, dropping the outputs as a consumer would, after a few warm-up
 frames. Peak memory is the CUDA allocator's peak (weights included) or, on CPU, the peak resident
 set size. Ratios in the same run: memory against the shortest sequence (flat = 1.00) and the
 TTT3R rule's speed against the CUT3R rule's (the cost of the gate).
@@ -36,7 +36,7 @@ class Result:
 
 
 def random_model(config: TTT3RConfig, device: torch.device) -> TTT3R:
-    """A frozen model with PyTorch's default random initialisation, created on ``device``."""
+    """A frozen model with PyTorch's default random initialisation, created on `device`."""
     torch.manual_seed(0)
     with torch.device(device):
         return TTT3R(config).freeze()
@@ -57,7 +57,7 @@ def stream(
     warmup: int,
     outputs: tuple[str, ...] | None,
 ) -> tuple[float, int | None]:
-    """Seconds per frame and peak memory while streaming ``length`` frames from a fresh state."""
+    """Seconds per frame and peak memory while streaming `length` frames from a fresh state."""
     device = pool.device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.inference_mode(), autocast:

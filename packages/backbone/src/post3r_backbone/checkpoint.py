@@ -1,9 +1,9 @@
-"""Checkpoint I/O: original CUT3R/TTT3R ``.pth`` files (read safely) and safetensors (fast, mmap).
+"""Checkpoint I/O: original CUT3R/TTT3R `.pth` files (read safely) and safetensors (fast, mmap).
 
-* ``load_checkpoint(path)`` builds the model a file describes and loads it strictly.
-* ``read_original_checkpoint(path)`` returns the config and state dict of an original ``.pth``,
-  without ``eval`` and without executing anything from the pickle (see ``safe_pickle``).
-* ``save_safetensors(model, path)`` writes the weights plus the config (as metadata JSON),
+* `load_checkpoint(path)` builds the model a file describes and loads it strictly.
+* `read_original_checkpoint(path)` returns the config and state dict of an original `.pth`,
+  without `eval` and without executing anything from the pickle (see `safe_pickle`).
+* `save_safetensors(model, path)` writes the weights plus the config (as metadata JSON),
   atomically. The 12 DPT alias keys of the original layout are stored once.
 """
 
@@ -43,7 +43,7 @@ _CONSTRUCTOR_PREFIX = "ARCroco3DStereo"
 
 
 def default_checkpoint_path() -> Path:
-    """``$POST3R_BACKBONE_CHECKPOINT`` if set, else ``checkpoints/cut3r_512_dpt_4_64.pth``."""
+    """`$POST3R_BACKBONE_CHECKPOINT` if set, else `checkpoints/cut3r_512_dpt_4_64.pth`."""
     return Path(os.environ.get(CHECKPOINT_ENV, DEFAULT_CHECKPOINT_DIR / RELEASED_CHECKPOINT))
 
 
@@ -70,9 +70,9 @@ def _require_file(path: Path) -> None:
 def read_original_checkpoint(
     path: str | Path, config: TTT3RConfig | None = None
 ) -> tuple[TTT3RConfig, dict[str, Tensor], list[str]]:
-    """Config, state dict and the names of the other (ignored) entries of an original ``.pth``.
+    """Config, state dict and the names of the other (ignored) entries of an original `.pth`.
 
-    The config comes from the file's ``args.model`` string unless ``config`` is given.
+    The config comes from the file's `args.model` string unless `config` is given.
     """
     path = Path(path)
     _require_file(path)
@@ -127,7 +127,7 @@ def _torch_load_restricted(path: Path) -> Any:
 
 
 def find_constructor_string(args: Any) -> str | None:
-    """The ``ARCroco3DStereo(...)`` string in an unpickled ``args`` object (key 'model' first)."""
+    """The `ARCroco3DStereo(...)` string in an unpickled `args` object (key 'model' first)."""
     candidates = [
         (where, text.strip())
         for where, text in safe_pickle.walk_strings(args)
@@ -147,7 +147,7 @@ def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_constructor_string(config: TTT3RConfig) -> str:
-    """The original constructor string for ``config``.
+    """The original constructor string for `config`.
 
     Fields the original constructor does not have are written only when they differ from the
     defaults, so a config of the original family gives a string the original code accepts.
@@ -173,9 +173,9 @@ def _python_literal(value: Any) -> str:
 
 
 def save_original_checkpoint(model: TTT3R, path: str | Path) -> None:
-    """Write ``model`` in the original training-checkpoint layout ({'args', 'model'}), atomically.
+    """Write `model` in the original training-checkpoint layout ({'args', 'model'}), atomically.
 
-    ``args`` is an ``argparse.Namespace`` whose ``model`` is the constructor string, which the
+    `args` is an `argparse.Namespace` whose `model` is the constructor string, which the
     original loader reads. Useful for tests and for running the original code on our weights.
     """
     import argparse
@@ -203,7 +203,7 @@ def alias_keys(model: torch.nn.Module) -> dict[str, str]:
 
 
 def match_state_dict(model: torch.nn.Module, provided: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The full state dict for ``model`` from ``provided``; TTT3RCheckpointError on any mismatch.
+    """The full state dict for `model` from `provided`; TTT3RCheckpointError on any mismatch.
 
     Of a key and its aliases (same tensor under two names) any one may be present.
     """
@@ -249,7 +249,7 @@ def _mismatch_report(
 def build_model(
     config: TTT3RConfig, state_dict: Mapping[str, Tensor], dtype: torch.dtype = torch.float32
 ) -> TTT3R:
-    """A TTT3R for ``config`` holding exactly ``state_dict`` (checked strictly); no random init."""
+    """A TTT3R for `config` holding exactly `state_dict` (checked strictly); no random init."""
     with torch.device("meta"):
         model = TTT3R(config)
     full = match_state_dict(model, state_dict)
@@ -271,7 +271,7 @@ def canonical_state_dict(model: TTT3R) -> dict[str, Tensor]:
 def save_safetensors(
     model: TTT3R, path: str | Path, state_dict: Mapping[str, Tensor] | None = None
 ) -> None:
-    """Write weights (``state_dict`` or the model's) and config metadata to ``path`` atomically."""
+    """Write weights (`state_dict` or the model's) and config metadata to `path` atomically."""
     aliases = alias_keys(model)
     tensors = state_dict if state_dict is not None else model.state_dict()
     tensors = {
@@ -284,7 +284,7 @@ def save_safetensors(
 def read_safetensors(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[TTT3RConfig, dict[str, Tensor]]:
-    """Config and tensors of a file from ``save_safetensors`` (memory-mapped, on ``device``)."""
+    """Config and tensors of a file from `save_safetensors` (memory-mapped, on `device`)."""
     path = Path(path)
     _require_file(path)
     try:
@@ -316,12 +316,12 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     model_update_type: str | None = None,
 ) -> TTT3R:
-    """Load an original ``.pth`` or a converted ``.safetensors`` into the model it describes.
+    """Load an original `.pth` or a converted `.safetensors` into the model it describes.
 
-    The architecture comes from the file itself (``args.model`` or the safetensors metadata)
-    unless ``config`` is given. Loading is strict. ``model_update_type`` ("cut3r"/"ttt3r")
+    The architecture comes from the file itself (`args.model` or the safetensors metadata)
+    unless `config` is given. Loading is strict. `model_update_type` ("cut3r"/"ttt3r")
     overrides the update rule (default: the config's, "ttt3r" for original files).
-    Returns the model on ``device`` in eval mode; call ``.freeze()`` for frozen use.
+    Returns the model on `device` in eval mode; call `.freeze()` for frozen use.
     """
     path = Path(path)
     _require_file(path)
@@ -340,7 +340,7 @@ def load_checkpoint(
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place."""
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

@@ -1,9 +1,9 @@
 """Model configuration.
 
-Field names follow the arguments of the original ``ARCroco3DStereoConfig`` (and the ``CrocoConfig``
+Field names follow the arguments of the original `ARCroco3DStereoConfig` (and the `CrocoConfig`
 keyword arguments it forwards), so the constructor string stored in an original checkpoint maps
 onto this class one to one. Three fields the original hard-codes are exposed so that tiny test
-models are possible: ``ray_enc_num_heads``, ``dpt_feature_dim`` and ``dpt_layer_dims``.
+models are possible: `ray_enc_num_heads`, `dpt_feature_dim` and `dpt_layer_dims`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TTT3RConfig:
 
     @property
     def rope_base(self) -> float:
-        """The RoPE base frequency encoded in ``pos_embed`` ("RoPE100" -> 100.0)."""
+        """The RoPE base frequency encoded in `pos_embed` ("RoPE100" -> 100.0)."""
         return float(self.pos_embed[len("RoPE") :])
 
     @property
@@ -275,9 +275,9 @@ _CONFIG_CALL = "ARCroco3DStereoConfig"
 
 
 def parse_constructor_string(text: str) -> dict[str, Any]:
-    """Keyword arguments of ``ARCroco3DStereo(ARCroco3DStereoConfig(...))``, without ``eval``.
+    """Keyword arguments of `ARCroco3DStereo(ARCroco3DStereoConfig(...))`, without `eval`.
 
-    Only literals, ``inf``, tuples/lists, ``float('inf')`` and the two constructor names are
+    Only literals, `inf`, tuples/lists, `float('inf')` and the two constructor names are
     accepted; anything else raises TTT3RConfigError naming the offending piece of the string.
     """
     try:
@@ -305,7 +305,7 @@ def parse_constructor_string(text: str) -> dict[str, Any]:
 
 
 def config_from_constructor_string(text: str, **overrides: Any) -> TTT3RConfig:
-    """The config an original checkpoint's ``args.model`` string describes (plus overrides)."""
+    """The config an original checkpoint's `args.model` string describes (plus overrides)."""
     values = {**ORIGINAL_DEFAULTS, **parse_constructor_string(text), **overrides}
     return TTT3RConfig.from_dict(values)
 
@@ -379,7 +379,7 @@ _NOT_ARCHITECTURE = (
 
 
 def matching_preset(config: TTT3RConfig) -> str | None:
-    """Name of the preset with the same architecture as ``config`` (update rule ignored), if any."""
+    """Name of the preset with the same architecture as `config` (update rule ignored), if any."""
 
     def key(cfg: TTT3RConfig) -> dict[str, Any]:
         values = cfg.to_dict()

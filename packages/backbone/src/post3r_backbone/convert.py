@@ -1,10 +1,10 @@
-"""Convert an original CUT3R/TTT3R ``.pth`` checkpoint to safetensors.
+"""Convert an original CUT3R/TTT3R `.pth` checkpoint to safetensors.
 
     uv run apps/convert-checkpoint checkpoints/cut3r_512_dpt_4_64.pth \\
         checkpoints/cut3r_512_dpt_4_64.safetensors
 
 The input is read with a restricted unpickler (nothing in it is executed), checked strictly
-against the architecture its own ``args.model`` string describes, scanned for non-finite values,
+against the architecture its own `args.model` string describes, scanned for non-finite values,
 and written atomically with the config stored as safetensors metadata.
 """
 
@@ -31,7 +31,7 @@ from post3r_backbone.model import TTT3R
 
 
 def convert(source: Path, target: Path, progress: bool = True) -> dict[str, Any]:
-    """Convert ``source`` (.pth) to ``target`` (.safetensors); returns a summary."""
+    """Convert `source` (.pth) to `target` (.safetensors); returns a summary."""
     start = time.perf_counter()
     config, state_dict, ignored = read_original_checkpoint(source)
     with torch.device("meta"):

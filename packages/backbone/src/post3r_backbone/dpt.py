@@ -1,7 +1,7 @@
 """DPT dense prediction adapter (as in DUSt3R / CUT3R): 4 token layers -> a full-resolution map.
 
-Module names match the original ``DPTOutputAdapter_fix`` so checkpoint keys map one to one,
-including the quirk that ``scratch.layer_rn.{0..3}`` is a second name for ``scratch.layer{1..4}_rn``
+Module names match the original `DPTOutputAdapter_fix` so checkpoint keys map one to one,
+including the quirk that `scratch.layer_rn.{0..3}` is a second name for `scratch.layer{1..4}_rn`
 (the same convolutions registered twice, so the state dict lists both).
 """
 

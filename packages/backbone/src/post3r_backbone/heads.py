@@ -1,13 +1,13 @@
 """Prediction heads: self/world pointmaps with confidence, RGB and the camera pose.
 
-Both heads read the decoder's hook layers ``[encoder, dec[L/2], dec[3L/4], dec[L]]`` (the last one
+Both heads read the decoder's hook layers `[encoder, dec[L/2], dec[3L/4], dec[L]]` (the last one
 with the pose token first), run in float32 with autocast off, and return raw-activated outputs:
 
-* points: ``xyz / |xyz| * expm1(|xyz|)`` ("exp" depth mode), channels-last (B, H, W, 3);
-* confidence: ``vmin + exp(c)`` ("exp" conf mode), (B, H, W);
-* rgb: ``sigmoid(x)`` squeezed into (1e-6, 1 - 1e-6), i.e. in [0, 1] like the input frames;
-* pose: (B, 7) = ``[tx, ty, tz, qw, qx, qy, qz]``, camera-to-world, quaternion real part first,
-  unit norm, sign chosen so that ``qw >= 0``.
+* points: `xyz / |xyz| * expm1(|xyz|)` ("exp" depth mode), channels-last (B, H, W, 3);
+* confidence: `vmin + exp(c)` ("exp" conf mode), (B, H, W);
+* rgb: `sigmoid(x)` squeezed into (1e-6, 1 - 1e-6), i.e. in [0, 1] like the input frames;
+* pose: (B, 7) = `[tx, ty, tz, qw, qx, qy, qz]`, camera-to-world, quaternion real part first,
+  unit norm, sign chosen so that `qw >= 0`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def quaternion_to_matrix(quaternion: Tensor) -> Tensor:
 
 
 def pose_to_matrix(pose: Tensor) -> Tensor:
-    """(B, 7) ``[t, q(w, x, y, z)]`` -> (B, 4, 4) homogeneous camera-to-world matrices."""
+    """(B, 7) `[t, q(w, x, y, z)]` -> (B, 4, 4) homogeneous camera-to-world matrices."""
     matrix = torch.eye(4, dtype=pose.dtype, device=pose.device).repeat(*pose.shape[:-1], 1, 1)
     matrix[..., :3, :3] = quaternion_to_matrix(pose[..., 3:7])
     matrix[..., :3, 3] = pose[..., :3]
@@ -134,7 +134,7 @@ class _Head(nn.Module):
         image_size: tuple[int, int],
         wanted: Collection[str],
     ) -> dict[str, Tensor]:
-        """Pose always; self/world points and confidences and rgb for the ``wanted`` parts."""
+        """Pose always; self/world points and confidences and rgb for the `wanted` parts."""
         pose_token, tokens = hooks[-1][:, 0], hooks[-1][:, 1:]
         out: dict[str, Tensor] = {}
         if "world" in wanted:  # under autocast, like the decoder
@@ -160,7 +160,7 @@ class _Head(nn.Module):
 
 
 class DPTHead(_Head):
-    """The released model's head (``DPTPts3dPose``): three DPT adapters and the pose MLP."""
+    """The released model's head (`DPTPts3dPose`): three DPT adapters and the pose MLP."""
 
     def __init__(self, cfg: TTT3RConfig) -> None:
         super().__init__()
@@ -185,7 +185,7 @@ class DPTHead(_Head):
 
 
 class LinearHead(_Head):
-    """The 224 model's head (``LinearPts3dPose``): per-token MLPs unshuffled into p x p pixels."""
+    """The 224 model's head (`LinearPts3dPose`): per-token MLPs unshuffled into p x p pixels."""
 
     flip_self_z = True
 

@@ -34,7 +34,7 @@ def rotate(
 ) -> Tensor:
     """2D RoPE on (B, H, N, D) tokens, or identity when there are no positions.
 
-    ``rope_dtype`` rounds q/k through that dtype first (float16 reproduces the original image
+    `rope_dtype` rounds q/k through that dtype first (float16 reproduces the original image
     encoder); otherwise float32/float16/bfloat16 tokens are rotated in float32 and keep their dtype.
     """
     if positions is None:
@@ -88,8 +88,8 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Cross-attention with separate q/k/v projections and 2D RoPE on q and k.
 
-    With ``alignment=True`` it also returns, per query, the mean over heads and keys of the scaled
-    attention logits, ``mean_{h,j} q_h . k_hj / sqrt(d)``. It is computed as ``q_h . mean_j(k_hj)``
+    With `alignment=True` it also returns, per query, the mean over heads and keys of the scaled
+    attention logits, `mean_{h,j} q_h . k_hj / sqrt(d)`. It is computed as `q_h . mean_j(k_hj)`
     (the mean is linear), so the logits are never materialised and SDPA stays fused.
     """
 

@@ -1,7 +1,7 @@
-"""Pose memory (the original ``LocalMemory``, stored as ``pose_retriever``).
+"""Pose memory (the original `LocalMemory`, stored as `pose_retriever`).
 
-A bank of ``size`` tokens of width ``2 * dec_dim``. Reading: the frame's mean encoder token,
-projected to ``dec_dim`` and paired with a learned "masked pose" half, cross-attends to the bank;
+A bank of `size` tokens of width `2 * dec_dim`. Reading: the frame's mean encoder token,
+projected to `dec_dim` and paired with a learned "masked pose" half, cross-attends to the bank;
 the second half of the result is the pose query for the decoder. Writing: the bank tokens
 self-attend and cross-attend to the pair (projected frame summary, decoded pose token).
 No positional encoding is used here.

@@ -55,9 +55,9 @@ class BackboneState:
 
 @dataclass
 class BackboneOutput:
-    """Per-frame predictions; a field is None unless it was asked for (see ``outputs``).
+    """Per-frame predictions; a field is None unless it was asked for (see `outputs`).
 
-    Shapes are for one step; ``forward_video`` inserts a time axis after the batch axis.
+    Shapes are for one step; `forward_video` inserts a time axis after the batch axis.
     Points and poses are in the coordinate frame of the first camera since the last reset
     (OpenCV axes: x right, y down, z forward), in the model's own (unknown) metric scale.
     """
@@ -114,7 +114,7 @@ class TTT3R(nn.Module):
         for frame in frames:  # (B, 3, H, W) in [0, 1]
             out, state = model.step(frame, state)
 
-    Attribute names follow the original ``ARCroco3DStereo`` so checkpoints load key for key.
+    Attribute names follow the original `ARCroco3DStereo` so checkpoints load key for key.
     """
 
     def __init__(self, config: TTT3RConfig | None = None) -> None:
@@ -193,7 +193,7 @@ class TTT3R(nn.Module):
             return self.decoder_embed_state(self.register_tokens.weight)
 
     def init_state(self, batch_size: int) -> BackboneState:
-        """A fresh state for ``batch_size`` sequences (every sample counts as just reset)."""
+        """A fresh state for `batch_size` sequences (every sample counts as just reset)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         tokens = self.initial_state_tokens().expand(batch_size, -1, -1)
@@ -202,7 +202,7 @@ class TTT3R(nn.Module):
         return BackboneState(tokens, memory, fresh)
 
     def reset_state(self, state: BackboneState, reset: Tensor) -> BackboneState:
-        """Return ``state`` with the samples where ``reset`` (B,) is True set back to the start."""
+        """Return `state` with the samples where `reset` (B,) is True set back to the start."""
         mask = self._sample_mask(reset, state.batch_size, "reset")
         tokens = torch.where(mask[:, None, None], self.initial_state_tokens(), state.tokens)
         memory = torch.where(mask[:, None, None], self.pose_retriever.mem, state.memory)
@@ -234,13 +234,13 @@ class TTT3R(nn.Module):
 
         Args:
             frame: (B, 3, H, W) float in [0, 1] (or uint8), H and W multiples of the patch size.
-            state: from ``init_state`` or the previous step, for the same batch size.
+            state: from `init_state` or the previous step, for the same batch size.
             reset: optional (B,) bool; True starts a new sequence at this frame for that sample
                 (its state and pose memory go back to the start before the frame is processed).
             update: optional (B,) bool; False leaves that sample's state untouched by this frame
                 (it is still predicted), e.g. for padding frames. Default: all True.
             ray_map: optional (B, H, W, 6) ray map (origin, direction) whose encoding is added.
-            outputs: field names of ``BackboneOutput`` to return, "all", or None for the defaults
+            outputs: field names of `BackboneOutput` to return, "all", or None for the defaults
                 (DEFAULT_OUTPUTS). Heads whose outputs are not asked for are skipped.
         """
         self._check_frames(frame)
@@ -257,7 +257,7 @@ class TTT3R(nn.Module):
     def forward(
         self, frame: Tensor, state: BackboneState, reset: Tensor | None = None, **kwargs: Any
     ) -> tuple[BackboneOutput, BackboneState]:
-        """Same as ``step`` (so hooks and ``model(frame, state)`` work)."""
+        """Same as `step` (so hooks and `model(frame, state)` work)."""
         return self.step(frame, state, reset, **kwargs)
 
     @torch.no_grad()
@@ -274,8 +274,8 @@ class TTT3R(nn.Module):
         """Run a clip (B, T, 3, H, W) in [0, 1] frame by frame (no gradients).
 
         Each frame is moved to the model's device as it is processed and its requested outputs
-        are written into preallocated (B, T, ...) tensors on ``output_device`` (default: the
-        model's device), so nothing else grows with T. ``reset`` is (B,) (applied before frame 0)
+        are written into preallocated (B, T, ...) tensors on `output_device` (default: the
+        model's device), so nothing else grows with T. `reset` is (B,) (applied before frame 0)
         or (B, T) (True where a new sequence starts). Returns the stacked outputs and the state.
         """
         if not isinstance(frames, Tensor) or frames.ndim != 5:
@@ -352,8 +352,8 @@ class TTT3R(nn.Module):
         """Run both decoders side by side; each layer reads the other branch's previous output.
 
         Returns the normalised candidate state, the 4 hook layers for the heads
-        ``[features, dec[L/2] (no pose), dec[3L/4] (no pose), dec_norm(dec[L]) (pose first)]``
-        and, with ``alignment``, the state->image logit mean per state token (B, S).
+        `[features, dec[L/2] (no pose), dec[3L/4] (no pose), dec_norm(dec[L]) (pose first)]`
+        and, with `alignment`, the state->image logit mean per state token (B, S).
         """
         batch, depth = features.shape[0], self.config.dec_depth
         image = torch.cat([pose_query, self.decoder_embed(features)], dim=1)
@@ -429,7 +429,7 @@ class TTT3R(nn.Module):
     ) -> BackboneState:
         """CUT3R replaces the state; TTT3R blends it by the per-token gate, except on a first frame.
 
-        ``update`` False keeps a sample's state, memory and first-frame flag as they were.
+        `update` False keeps a sample's state, memory and first-frame flag as they were.
         """
         keep = torch.ones_like(state.fresh) if update is None else update
         weight = keep.to(torch.float32)[:, None]  # (B, 1)
@@ -486,7 +486,7 @@ class TTT3R(nn.Module):
             )
 
     def _check_state(self, state: BackboneState, batch_size: int) -> None:
-        """A state of this model's shape and device, for ``batch_size`` sequences."""
+        """A state of this model's shape and device, for `batch_size` sequences."""
         if not isinstance(state, BackboneState):
             raise TypeError(
                 f"state must be a BackboneState from model.init_state, got {type(state).__name__}"

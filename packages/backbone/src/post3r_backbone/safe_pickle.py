@@ -1,6 +1,6 @@
 """A restricted unpickler for original CUT3R/TTT3R training checkpoints (torch.load pickle_module).
 
-The original ``.pth`` is a training dict whose ``args`` entry is a Hydra/OmegaConf (or argparse)
+The original `.pth` is a training dict whose `args` entry is a Hydra/OmegaConf (or argparse)
 object. Unpickling it normally imports and runs whatever classes the file names. Here only the
 globals needed to rebuild tensors and plain containers resolve to real objects; every other class
 or function becomes an inert stand-in that records its arguments and state and executes nothing.

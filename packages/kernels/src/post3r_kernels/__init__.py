@@ -1,8 +1,8 @@
 """post3r_kernels: 2D rotary position embedding (RoPE2D) with swappable implementations.
 
-``rope2d(x, positions, base=100.0, impl=None)`` is the one entry point; ``impl`` (or the
-``POST3R_ROPE2D_IMPL`` environment variable) picks ``torch``, ``triton``, ``compiled`` or
-``auto``. Importing this package never imports triton.
+`rope2d(x, positions, base=100.0, impl=None)` is the one entry point; `impl` (or the
+`POST3R_ROPE2D_IMPL` environment variable) picks `torch`, `triton`, `compiled` or
+`auto`. Importing this package never imports triton.
 """
 
 from post3r_kernels.dispatch import (

@@ -1,6 +1,6 @@
 """Benchmark the RoPE2D implementations against a device copy of the same size.
 
-``uv run apps/bench-rope2d`` (or ``python -m post3r_kernels.benchmark``) times the forward and the
+`uv run apps/bench-rope2d` (or `python -m post3r_kernels.benchmark`) times the forward and the
 forward+backward of each implementation on model-sized inputs: (B*T, N, H, D) tokens stored as
 the backbone stores q/k, a (B, N, H, D) projection viewed as (B, H, N, D). Figures:
 
@@ -8,8 +8,8 @@ the backbone stores q/k, a (B, N, H, D) projection viewed as (B, H, N, D). Figur
   call), on a CPU the fastest call;
 * achieved bandwidth = minimal bytes / time, where minimal bytes are one read and one write of
   the tokens per pass (plus the positions): the floor for any implementation;
-* that bandwidth as a percentage of ``dst.copy_(src)`` of the same size, measured in the same run;
-* speed-up over the eager torch reference and over ``torch.compile`` of it.
+* that bandwidth as a percentage of `dst.copy_(src)` of the same size, measured in the same run;
+* speed-up over the eager torch reference and over `torch.compile` of it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _rope_with(x: torch.Tensor, positions: torch.Tensor, impl: str) -> torch.Ten
 
 
 def call_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Time of one call of ``fn`` in ms: on a GPU the median over CUDA events with a flushed L2
+    """Time of one call of `fn` in ms: on a GPU the median over CUDA events with a flushed L2
     cache, on a CPU the fastest call (the least disturbed by other processes)."""
     for _ in range(warmup):
         fn()
@@ -131,7 +131,7 @@ def gbps(nbytes: int, ms: float) -> float:
 
 
 def implementations(names: Sequence[str]) -> dict[str, Rope]:
-    """The implementations to time; ``compiled`` is a fresh torch.compile per shape."""
+    """The implementations to time; `compiled` is a fresh torch.compile per shape."""
     chosen: dict[str, Rope] = {}
     for name in names:
         if name == "compiled":
@@ -328,7 +328,7 @@ def parse_shapes(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``uv run apps/bench-rope2d``; returns the exit status."""
+    """Entry point of `uv run apps/bench-rope2d`; returns the exit status."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

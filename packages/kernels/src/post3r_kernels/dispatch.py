@@ -1,8 +1,8 @@
 """The RoPE2D entry point and its implementation registry.
 
-Model code calls :func:`rope2d`; which implementation runs is decided here, from the ``impl``
-argument, else the ``POST3R_ROPE2D_IMPL`` environment variable, else ``"auto"``. New
-implementations are added with :func:`register_rope2d_impl`, without touching any caller.
+Model code calls `rope2d`; which implementation runs is decided here, from the `impl`
+argument, else the `POST3R_ROPE2D_IMPL` environment variable, else `"auto"`. New
+implementations are added with `register_rope2d_impl`, without touching any caller.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ ENV_VAR = "POST3R_ROPE2D_IMPL"
 AUTO = "auto"
 
 Rope2dImpl = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""An implementation: ``fn(x (B, H, N, D), positions (B, N, 2) int, base) -> rotated x``.
+"""An implementation: `fn(x (B, H, N, D), positions (B, N, 2) int, base) -> rotated x`.
 
-It receives arguments that already passed :func:`check_rope2d_inputs`, must not modify ``x`` and
-must be differentiable with respect to ``x`` if it is to be used in training.
+It receives arguments that already passed `check_rope2d_inputs`, must not modify `x` and
+must be differentiable with respect to `x` if it is to be used in training.
 """
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,7 +33,7 @@ _REGISTRY: dict[str, Rope2dImpl] = {}
 
 
 def register_rope2d_impl(name: str, fn: Rope2dImpl, *, overwrite: bool = False) -> None:
-    """Make ``fn`` selectable as ``rope2d(..., impl=name)`` and ``POST3R_ROPE2D_IMPL=name``."""
+    """Make `fn` selectable as `rope2d(..., impl=name)` and `POST3R_ROPE2D_IMPL=name`."""
     if not isinstance(name, str) or not name or name != name.strip() or name == AUTO:
         raise ValueError(
             f"implementation name must be a non-empty string other than 'auto', got {name!r}"
@@ -49,7 +49,7 @@ def register_rope2d_impl(name: str, fn: Rope2dImpl, *, overwrite: bool = False) 
 
 
 def rope2d_impls() -> tuple[str, ...]:
-    """Names accepted by ``impl=`` (registered implementations, then ``"auto"``)."""
+    """Names accepted by `impl=` (registered implementations, then `"auto"`)."""
     return (*_REGISTRY, AUTO)
 
 
@@ -66,7 +66,7 @@ TRITON_INSTALLED = _triton_installed()
 
 
 def auto_impl(x: torch.Tensor) -> str:
-    """What ``"auto"`` picks for ``x``: Triton on CUDA/ROCm devices (if installed), else torch."""
+    """What `"auto"` picks for `x`: Triton on CUDA/ROCm devices (if installed), else torch."""
     on_gpu = x.device.type == "cuda"  # ROCm builds of torch also report "cuda"
     if on_gpu and x.dtype in TRITON_DTYPES and TRITON_INSTALLED and "triton" in _REGISTRY:
         return "triton"
@@ -74,7 +74,7 @@ def auto_impl(x: torch.Tensor) -> str:
 
 
 def resolve_rope2d_impl(impl: str | None, x: torch.Tensor) -> str:
-    """The registered implementation name that ``rope2d(x, ..., impl=impl)`` would run."""
+    """The registered implementation name that `rope2d(x, ..., impl=impl)` would run."""
     source = "impl"
     if impl is None:
         impl, source = os.environ.get(ENV_VAR, "").strip() or AUTO, ENV_VAR
@@ -93,19 +93,19 @@ def resolve_rope2d_impl(impl: str | None, x: torch.Tensor) -> str:
 def rope2d(
     x: torch.Tensor, positions: torch.Tensor, base: float = 100.0, impl: str | None = None
 ) -> torch.Tensor:
-    """Apply 2D rotary position embedding to ``x`` and return the result as a new tensor.
+    """Apply 2D rotary position embedding to `x` and return the result as a new tensor.
 
     Args:
-        x: tokens (B, H, N, D), D a multiple of 4, any strides (e.g. ``q.transpose(1, 2)`` of a
+        x: tokens (B, H, N, D), D a multiple of 4, any strides (e.g. `q.transpose(1, 2)` of a
             (B, N, H, D) projection, or a slice of a fused qkv tensor); float16, bfloat16,
             float32 or float64. Half precision is computed in float32 and rounded once.
         positions: (B, N, 2) integer (y, x) per token; negative and non-grid values are fine.
-        base: frequency base; dims j and j + D/4 of each half turn by ``pos * base**(-4j/D)``.
-        impl: implementation name (see :func:`rope2d_impls`); ``None`` reads ``POST3R_ROPE2D_IMPL``
-            and falls back to ``"auto"``.
+        base: frequency base; dims j and j + D/4 of each half turn by `pos * base**(-4j/D)`.
+        impl: implementation name (see `rope2d_impls`); `None` reads `POST3R_ROPE2D_IMPL`
+            and falls back to `"auto"`.
 
     Returns:
-        Rotated tokens with x's shape and dtype; differentiable with respect to ``x``.
+        Rotated tokens with x's shape and dtype; differentiable with respect to `x`.
     """
     check_rope2d_inputs(x, positions, base)
     return _REGISTRY[resolve_rope2d_impl(impl, x)](x, positions, float(base))

@@ -2,7 +2,7 @@
 
 For head dim D with Q = D // 4: dims [0, D/2) rotate by the row (y) position and [D/2, D) by the
 column (x) position; inside each half, dim j pairs with dim j + Q (rotate-half layout) and turns by
-angle ``pos * base ** (-j / Q)``. Angles come straight from integer positions, so negative
+angle `pos * base ** (-j / Q)`. Angles come straight from integer positions, so negative
 (the pose token sits at (-1, -1)) and arbitrary positions work.
 
 Half-precision inputs are computed in float32 and rounded once on output, like the CUDA kernel
@@ -15,22 +15,22 @@ import torch
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype RoPE math runs in for tokens of ``dtype``: float64 stays, the rest use float32."""
+    """The dtype RoPE math runs in for tokens of `dtype`: float64 stays, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def inverse_frequencies(
     quarter: int, base: float, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``base ** (-j / quarter)`` for j in [0, quarter), computed as the original code does."""
+    """`base ** (-j / quarter)` for j in [0, quarter), computed as the original code does."""
     j = torch.arange(quarter, device=device, dtype=dtype)
     return 1.0 / (base ** (j / quarter))
 
 
 def rope2d_torch(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0) -> torch.Tensor:
-    """Rotate ``x`` (B, H, N, D) by integer ``positions`` (B, N, 2) = (y, x); returns a new tensor.
+    """Rotate `x` (B, H, N, D) by integer `positions` (B, N, 2) = (y, x); returns a new tensor.
 
-    Any strides are accepted. The result has x's dtype; gradients flow to ``x`` through autograd
+    Any strides are accepted. The result has x's dtype; gradients flow to `x` through autograd
     (they equal the inverse rotation of the incoming gradient).
     """
     quarter = x.shape[-1] // 4

@@ -1,16 +1,16 @@
 """Fused RoPE2D forward and backward in Triton, portable across CUDA and ROCm.
 
-Importing this module imports triton; :mod:`post3r_kernels.dispatch` does so only when the
-``triton`` implementation is first used. One kernel serves both directions: the backward of a
-rotation by theta is the rotation by -theta, so it runs with ``INVERSE=True``.
+Importing this module imports triton; `post3r_kernels.dispatch` does so only when the
+`triton` implementation is first used. One kernel serves both directions: the backward of a
+rotation by theta is the rotation by -theta, so it runs with `INVERSE=True`.
 
-Design: a program owns ``BLOCK_N`` tokens of one batch item and a range of heads. It turns the
-tokens' integer (y, x) positions into cos/sin of ``pos * inv_freq`` once, in registers, and reuses
+Design: a program owns `BLOCK_N` tokens of one batch item and a range of heads. It turns the
+tokens' integer (y, x) positions into cos/sin of `pos * inv_freq` once, in registers, and reuses
 them for every head it visits; no cos/sin table ever touches memory, so the traffic is one read and
 one write of x, the bandwidth floor. Strides are arbitrary (head dim stride 1 lets Triton emit
 vector loads), so strided q/k views of a fused qkv projection need no copy. Only portable
-``tl.*`` operations are used (``tl.sin``/``tl.cos`` lower to each vendor's device library);
-no inline assembly, no ``tl.extra`` calls, no vendor-only features.
+`tl.*` operations are used (`tl.sin`/`tl.cos` lower to each vendor's device library);
+no inline assembly, no `tl.extra` calls, no vendor-only features.
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def default_config(quarter: int, lanes_per_warp: int = 32) -> LaunchConfig:
     """One head per loop step over a token block of ~8 elements per lane per quarter.
 
     With one head per step, the cos/sin tiles have exactly the data tile's shape, so no lane
-    computes an angle another lane also computes (with ``block_h`` heads per step, every angle
-    would be evaluated ``block_h`` times); 8 elements per lane make 16-byte bf16 vectors.
-    ``lanes_per_warp`` is 64 on AMD CDNA wavefronts, where the same 4 warps hold twice the lanes.
+    computes an angle another lane also computes (with `block_h` heads per step, every angle
+    would be evaluated `block_h` times); 8 elements per lane make 16-byte bf16 vectors.
+    `lanes_per_warp` is 64 on AMD CDNA wavefronts, where the same 4 warps hold twice the lanes.
     """
     lanes = 4 * lanes_per_warp
     block_n = max(16, min(512, 8 * lanes // triton.next_power_of_2(quarter)))
@@ -136,7 +136,7 @@ def _heads_per_program(n_heads: int, token_programs: int, block_h: int) -> int:
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """A dense tensor shaped like ``x`` whose dims are ordered in memory as x's are (by stride)."""
+    """A dense tensor shaped like `x` whose dims are ordered in memory as x's are (by stride)."""
     order = sorted(range(x.ndim), key=lambda d: (-x.stride()[d], d))
     dense = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device)
     return dense.permute([order.index(d) for d in range(x.ndim)])
@@ -155,7 +155,7 @@ def launch_rope2d(
     inverse: bool = False,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Run the kernel once, out of place; ``inverse`` rotates by -theta (the backward)."""
+    """Run the kernel once, out of place; `inverse` rotates by -theta (the backward)."""
     out = _empty_like_layout(x)
     batch, n_heads, n_tokens, head_dim = x.shape
     if out.numel() == 0:
@@ -209,7 +209,7 @@ _rope2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope2d_triton(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0) -> torch.Tensor:
-    """Triton RoPE2D of checked inputs (see :func:`post3r_kernels.rope2d`); differentiable."""
+    """Triton RoPE2D of checked inputs (see `post3r_kernels.rope2d`); differentiable."""
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"impl='triton' supports float16, bfloat16 and float32 tokens, got {x.dtype}; "

@@ -11,7 +11,7 @@ _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int6
 
 
 def check_rope2d_inputs(x: object, positions: object, base: object) -> None:
-    """Raise TypeError / ValueError unless ``rope2d(x, positions, base)`` is well formed."""
+    """Raise TypeError / ValueError unless `rope2d(x, positions, base)` is well formed."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, H, N, D), got {type(x).__name__}")
     if x.ndim != 4:

@@ -7,13 +7,13 @@ import torch
 
 
 def check_shape(tensor: object, name: str, dims: str, **sizes: int | None) -> dict[str, int]:
-    """Check that ``tensor`` has the named layout ``dims`` and return the size of every dim.
+    """Check that `tensor` has the named layout `dims` and return the size of every dim.
 
-    ``dims`` is a space-separated list of dim names, e.g. ``"B K N"``; one name may be written in
-    brackets (``"B [T] K Ds"``) to mark it optional, so tensors with and without it are accepted.
-    Keyword ``sizes`` pin dims to known values (``Ds=128``; None leaves a dim free); a numeric
-    name is a literal size (``"B N 2"``). A name used twice must match itself.
-    Raises ``ValueError`` naming ``name``, the expected layout and the actual shape.
+    `dims` is a space-separated list of dim names, e.g. `"B K N"`; one name may be written in
+    brackets (`"B [T] K Ds"`) to mark it optional, so tensors with and without it are accepted.
+    Keyword `sizes` pin dims to known values (`Ds=128`; None leaves a dim free); a numeric
+    name is a literal size (`"B N 2"`). A name used twice must match itself.
+    Raises `ValueError` naming `name`, the expected layout and the actual shape.
     """
     names = dims.split()
     optional = [n for n in names if n.startswith("[")]
@@ -44,12 +44,12 @@ def check_shape(tensor: object, name: str, dims: str, **sizes: int | None) -> di
 
 
 def check_positive(value: float, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive number."""
+    """Raise `ValueError` unless `value` is a positive number."""
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
 def check_at_least_one(value: int, name: str) -> None:
-    """Raise ``ValueError`` unless the count ``value`` is at least 1."""
+    """Raise `ValueError` unless the count `value` is at least 1."""
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")

@@ -10,7 +10,7 @@ _EXTRAS = {"post3r_kernels": "rope", "scipy.optimize": "matching"}
 
 
 def require(module: str, feature: str) -> ModuleType:
-    """Import ``module`` for ``feature``, or raise an ImportError naming the extra to install."""
+    """Import `module` for `feature`, or raise an ImportError naming the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError as error:

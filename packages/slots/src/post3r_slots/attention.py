@@ -22,7 +22,7 @@ class SlotAttentionOutput(NamedTuple):
 
 
 class ResidualMLP(nn.Module):
-    """``x + W2 · act(W1 · LayerNorm(x))``: the per-slot refinement after the GRU."""
+    """`x + W2 · act(W1 · LayerNorm(x))`: the per-slot refinement after the GRU."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
@@ -37,9 +37,9 @@ class ResidualMLP(nn.Module):
 class SlotAttention(nn.Module):
     """Iterative slot attention: slots compete for patches through a softmax over slots.
 
-    Each iteration: ``attn = softmax_K(q·kᵀ/√d)``; a weighted mean of the values with weights
-    ``(attn + ε) / Σ_N (attn + ε)``; a GRU update; a residual LayerNorm-MLP. Gradients flow
-    through every iteration unless ``implicit_gradient`` is set.
+    Each iteration: `attn = softmax_K(q·kᵀ/√d)`; a weighted mean of the values with weights
+    `(attn + ε) / Σ_N (attn + ε)`; a GRU update; a residual LayerNorm-MLP. Gradients flow
+    through every iteration unless `implicit_gradient` is set.
 
     Deliberate difference from SlotContrast: the GRU's hidden state is the slots as they enter
     the iteration, as in the original Slot Attention, not their layer-normed copy.
@@ -48,10 +48,10 @@ class SlotAttention(nn.Module):
         feature_dim: D, the dim of the input features.
         slot_dim: Ds, the dim of a slot.
         iterations: iterations per call (SlotContrast: 2).
-        first_frame_iterations: iterations when called with ``first_frame=True``
-            (SlotContrast: 3); defaults to ``iterations``.
-        qkv_dim: dim of queries, keys and values; defaults to ``slot_dim``.
-        mlp_hidden_dim: hidden width of the residual MLP; defaults to ``4 * slot_dim``;
+        first_frame_iterations: iterations when called with `first_frame=True`
+            (SlotContrast: 3); defaults to `iterations`.
+        qkv_dim: dim of queries, keys and values; defaults to `slot_dim`.
+        mlp_hidden_dim: hidden width of the residual MLP; defaults to `4 * slot_dim`;
             0 disables the MLP (VideoSAUR).
         epsilon: added to the attention before the weighted mean.
         implicit_gradient: back-propagate through the last iteration only, the earlier ones
@@ -100,10 +100,10 @@ class SlotAttention(nn.Module):
         first_frame: bool = False,
         iterations: int | None = None,
     ) -> SlotAttentionOutput:
-        """Refine ``slots`` (B, K, Ds) on ``features`` (B, N, D).
+        """Refine `slots` (B, K, Ds) on `features` (B, N, D).
 
-        ``iterations`` overrides the count; otherwise ``first_frame`` picks between
-        ``first_frame_iterations`` and ``iterations``.
+        `iterations` overrides the count; otherwise `first_frame` picks between
+        `first_frame_iterations` and `iterations`.
         """
         sizes = check_shape(slots, "slots", "B K Ds", Ds=self.slot_dim)
         check_shape(features, "features", "B N D", B=sizes["B"], D=self.feature_dim)

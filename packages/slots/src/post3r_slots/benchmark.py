@@ -182,7 +182,7 @@ def _clear_grads(leaves: list[torch.Tensor]) -> None:
 def measure(
     component: str, sizes: Sizes, device: torch.device, variant: str, warmup: int, repeats: int
 ) -> Measurement:
-    """Build ``component`` and measure its forward+backward in this process.
+    """Build `component` and measure its forward+backward in this process.
 
     Memory is measured over the timed steps only, so compilation during warm-up is excluded.
     """
@@ -346,7 +346,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
+    """An argparse type: an integer >= `minimum`."""
 
     def parse(text: str) -> int:
         value = int(text)

@@ -28,7 +28,7 @@ class FeatureDecoderOutput(NamedTuple):
 
 class PointmapDecoderOutput(NamedTuple):
     """pointmap: (B, [T,] H, W, 3), the alpha composite. masks: (B, [T,] K, H, W), softmax over
-    slots of ``alpha_logits`` (B, [T,] K, H, W). slot_pointmaps: (B, [T,] K, H, W, 3), each
+    slots of `alpha_logits` (B, [T,] K, H, W). slot_pointmaps: (B, [T,] K, H, W, 3), each
     slot's own dense XYZ map."""
 
     pointmap: torch.Tensor
@@ -93,17 +93,17 @@ class MLPDecoder(nn.Module):
 
 class PointmapDecoder(nn.Module):
     """Per-slot pointmap decoder: each slot (plus an optional camera-pose embedding) becomes a
-    dense XYZ map and an alpha logit at ``resolution``; the maps are blended by a softmax over
+    dense XYZ map and an alpha logit at `resolution`; the maps are blended by a softmax over
     slots. All B·K slots are decoded in one batched pass.
 
     Architecture: a linear map of [slot, pose embedding] to a token broadcast over a coarse
     grid (resolution / 2**num_upsamples) plus a learned position embedding; a 3x3 conv; then
-    ``num_upsamples`` stages of (nearest ×2 upsample, 3x3 conv, GELU), halving the channels down
-    to ``min_channels``; a 1x1 conv to 4 channels (XYZ, alpha). XYZ is unbounded (regression).
+    `num_upsamples` stages of (nearest ×2 upsample, 3x3 conv, GELU), halving the channels down
+    to `min_channels`; a 1x1 conv to 4 channels (XYZ, alpha). XYZ is unbounded (regression).
 
     Args:
         slot_dim: Ds.
-        resolution: (H, W) of the output; both divisible by ``2**num_upsamples``.
+        resolution: (H, W) of the output; both divisible by `2**num_upsamples`.
         pose_dim: size of the pose vector P (POST3R passes 12: the top 3x4 of each frame's
             camera-to-world matrix); None: no pose input.
         pose_embed_dim: width of the pose embedding MLP.
@@ -161,7 +161,7 @@ class PointmapDecoder(nn.Module):
     def forward(
         self, slots: torch.Tensor, pose: torch.Tensor | None = None
     ) -> PointmapDecoderOutput:
-        """Decode slots (B, [T,] K, Ds), with ``pose`` (B, [T,] P) if built with ``pose_dim``."""
+        """Decode slots (B, [T,] K, Ds), with `pose` (B, [T,] P) if built with `pose_dim`."""
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
         video, batch, num_slots = "T" in sizes, sizes["B"], sizes["K"]
         x = _fold_time(slots, video)

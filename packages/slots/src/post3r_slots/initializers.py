@@ -32,18 +32,18 @@ class FixedLearnedInit(nn.Module):
 class GaussianInit(nn.Module):
     """Slots drawn from a learned diagonal Gaussian shared by all slots (VideoSAUR's choice).
 
-    Sampling is reparameterised, so ``mean`` and ``log_std`` receive gradients. In training mode
-    every call draws fresh samples per (sample, slot). In eval mode ``eval_mode="seeded"``
+    Sampling is reparameterised, so `mean` and `log_std` receive gradients. In training mode
+    every call draws fresh samples per (sample, slot). In eval mode `eval_mode="seeded"`
     (default) draws one (K, Ds) noise sample on the CPU from a generator seeded with
-    ``eval_seed`` and gives it to every sample, so a video's starting slots depend neither on its
+    `eval_seed` and gives it to every sample, so a video's starting slots depend neither on its
     position in the batch (a DDP-sharded evaluation equals a single-process one) nor on the
-    device; ``eval_mode="mean"`` returns the mean (all slots identical: slot attention then cannot
+    device; `eval_mode="mean"` returns the mean (all slots identical: slot attention then cannot
     break the symmetry, so use it only with a corrector that can).
 
     Args:
         num_slots: K, the default slot count (a call may ask for another).
         slot_dim: Ds.
-        eval_mode: ``"seeded"`` or ``"mean"``.
+        eval_mode: `"seeded"` or `"mean"`.
         eval_seed: seed of the eval-mode generator.
     """
 
@@ -64,7 +64,7 @@ class GaussianInit(nn.Module):
         num_slots: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Return (batch_size, K, Ds); a ``generator`` overrides the mode's randomness: fresh
+        """Return (batch_size, K, Ds); a `generator` overrides the mode's randomness: fresh
         noise per sample and slot, drawn from it on the parameters' device."""
         shape = (batch_size, num_slots or self.num_slots, self.slot_dim)
         if generator is None and not self.training:
@@ -92,14 +92,14 @@ class CarriedSlots(NamedTuple):
 
 
 class CarryOverInit(nn.Module):
-    """Start from the previous frame's slots; fall back to ``base`` where a sample is reset.
+    """Start from the previous frame's slots; fall back to `base` where a sample is reset.
 
     This is how a video is processed in chunks or streamed frame by frame: pass the last
-    predicted slots of one call as ``previous`` to the next, and ``reset[b] = True`` where sample
+    predicted slots of one call as `previous` to the next, and `reset[b] = True` where sample
     b starts a new video.
 
     Args:
-        base: an initialiser called as ``base(batch_size) -> (B, K, Ds)``.
+        base: an initialiser called as `base(batch_size) -> (B, K, Ds)`.
         detach: cut the gradient to the carried slots (no backpropagation across calls).
     """
 
@@ -113,7 +113,7 @@ class CarryOverInit(nn.Module):
         previous: torch.Tensor | None = None,
         reset: torch.Tensor | None = None,
     ) -> CarriedSlots:
-        """``previous``: (B, K, Ds) or None (every sample fresh); ``reset``: (B,) bool or None."""
+        """`previous`: (B, K, Ds) or None (every sample fresh); `reset`: (B,) bool or None."""
         if previous is None:
             slots = self.base(batch_size)
             fresh = torch.ones(batch_size, dtype=torch.bool, device=slots.device)

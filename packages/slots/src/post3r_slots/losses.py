@@ -1,4 +1,4 @@
-"""Training losses. Each returns a :class:`LossOutput`: the scalar to optimise and its parts
+"""Training losses. Each returns a `LossOutput`: the scalar to optimise and its parts
 (detached scalars, for logging)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class LossOutput(NamedTuple):
 
 
 def feature_reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> LossOutput:
-    """Mean squared error between ``reconstruction`` and the detached ``target``, both
+    """Mean squared error between `reconstruction` and the detached `target`, both
     (B, [T,] N, D), averaged over every element (SlotContrast's feature loss)."""
     sizes = check_shape(reconstruction, "reconstruction", "B [T] N D")
     expected = "B T N D" if "T" in sizes else "B N D"
@@ -41,13 +41,13 @@ def pointmap_loss(
     normalization: str = "clip",
     eps: float = 1e-6,
 ) -> LossOutput:
-    """Confidence-weighted, scale-invariant pointmap loss in DUSt3R's form ``C·ℓ − α·log C``.
+    """Confidence-weighted, scale-invariant pointmap loss in DUSt3R's form `C·ℓ − α·log C`.
 
-    ``ℓ`` is the Euclidean distance between prediction and target after each is divided by its
+    `ℓ` is the Euclidean distance between prediction and target after each is divided by its
     own mean point norm over valid pixels, so the loss is invariant to the global scale of
-    either. ``C`` is the confidence clamped to ``(0, max_confidence]``: bounded, unlike POST3R's
-    raw ``1 + exp(x)`` weight. When ``C`` is a frozen backbone output the ``−α·log C`` term is
-    constant; when it is predicted it stops the network from driving ``C`` to zero.
+    either. `C` is the confidence clamped to `(0, max_confidence]`: bounded, unlike POST3R's
+    raw `1 + exp(x)` weight. When `C` is a frozen backbone output the `−α·log C` term is
+    constant; when it is predicted it stops the network from driving `C` to zero.
 
     Args:
         prediction: (B, [T,] h, w, 3); bilinearly resized to the target's (H, W) if they differ.
@@ -55,10 +55,10 @@ def pointmap_loss(
         confidence: (B, [T,] H, W), positive; None weighs every pixel 1 with no log term.
             Pixels with a non-positive or non-finite confidence count as invalid.
         valid: (B, [T,] H, W) bool; None: every finite pixel is valid.
-        alpha: weight of the ``−log C`` term.
-        max_confidence: upper bound on ``C``.
-        normalization: ``"clip"`` (one scale per video: keeps the frames' relative scale),
-            ``"frame"`` (one scale per frame, as POST3R) or ``"none"`` (not scale-invariant).
+        alpha: weight of the `−log C` term.
+        max_confidence: upper bound on `C`.
+        normalization: `"clip"` (one scale per video: keeps the frames' relative scale),
+            `"frame"` (one scale per frame, as POST3R) or `"none"` (not scale-invariant).
         eps: added to the scales before dividing.
     """
     if normalization not in ("clip", "frame", "none"):
@@ -131,8 +131,8 @@ def slot_contrastive_loss(
 
     Every slot at frame t+1 is an anchor whose positive is the same slot (same video, same k) at
     frame t; the candidates are all slots at frame t: of the whole batch with
-    ``batch_contrast`` (S = B·K candidates), else of the same video (K). Slots are L2-normalised;
-    logits are cosine similarities over ``temperature``; the loss is the mean cross-entropy over
+    `batch_contrast` (S = B·K candidates), else of the same video (K). Slots are L2-normalised;
+    logits are cosine similarities over `temperature`; the loss is the mean cross-entropy over
     all (T-1)·S anchors.
 
     Args:
@@ -140,7 +140,7 @@ def slot_contrastive_loss(
         temperature: softmax temperature (SlotContrast: 0.1).
         batch_contrast: draw negatives from the whole batch.
         symmetric: average with the reverse direction (anchors at t, candidates at t+1).
-        gather_distributed: with ``batch_contrast`` under torch.distributed, take candidates
+        gather_distributed: with `batch_contrast` under torch.distributed, take candidates
             from every rank (gathered with gradients); every rank needs the same B.
     """
     check_positive(temperature, "temperature")
@@ -179,7 +179,7 @@ class _ContiguousGradient(torch.autograd.Function):
 
 
 def _all_gather_with_gradients(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``tensor``, in rank order, with gradients flowing back to their ranks."""
+    """Every rank's `tensor`, in rank order, with gradients flowing back to their ranks."""
     from torch.distributed.nn.functional import all_gather
 
     with warnings.catch_warnings():  # deprecated in favour of a private API; still correct

@@ -9,7 +9,7 @@ from post3r_slots._checks import check_shape
 
 
 def patch_grid_size(num_patches: int, size: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) with h·w = ``num_patches`` and the aspect ratio of ``size`` = (H, W)."""
+    """The (h, w) with h·w = `num_patches` and the aspect ratio of `size` = (H, W)."""
     height, width = size
     for rows in range(1, num_patches + 1):
         cols, remainder = divmod(num_patches, rows)
@@ -24,9 +24,9 @@ def patch_grid_size(num_patches: int, size: tuple[int, int]) -> tuple[int, int]:
 def resize_masks(
     masks: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear"
 ) -> torch.Tensor:
-    """Resize spatial slot masks (B, [T,] K, h, w) to (B, [T,] K, H, W), ``size`` = (H, W).
+    """Resize spatial slot masks (B, [T,] K, h, w) to (B, [T,] K, H, W), `size` = (H, W).
 
-    ``mode`` is an interpolation mode of ``torch.nn.functional.interpolate`` (SlotContrast:
+    `mode` is an interpolation mode of `torch.nn.functional.interpolate` (SlotContrast:
     bilinear). Float masks keep their dtype; others are returned as float32.
     """
     check_shape(masks, "masks", "B [T] K h w")
@@ -45,8 +45,8 @@ def patch_masks_to_image(
 ) -> torch.Tensor:
     """Patch masks (B, [T,] K, N) → soft image masks (B, [T,] K, H, W).
 
-    N is laid out row-major on ``grid_size`` = (h, w), by default the grid with h·w = N and the
-    aspect ratio of ``size`` = (H, W).
+    N is laid out row-major on `grid_size` = (h, w), by default the grid with h·w = N and the
+    aspect ratio of `size` = (H, W).
     """
     num_patches = check_shape(masks, "masks", "B [T] K N")["N"]
     grid = tuple(grid_size) if grid_size is not None else patch_grid_size(num_patches, size)
@@ -66,7 +66,7 @@ def patch_masks_to_ids(
 def masks_to_ids(masks: torch.Tensor, slot_dim: int = -3) -> torch.Tensor:
     """Hard assignment: the index of the most likely slot per pixel, ties to the lowest index.
 
-    ``masks`` (B, [T,] K, H, W) → ids (B, [T,] H, W) int64.
+    `masks` (B, [T,] K, H, W) → ids (B, [T,] H, W) int64.
     """
     return masks.argmax(dim=slot_dim)
 
@@ -81,13 +81,13 @@ def slot_point_clouds(
 
     Args:
         points: one pointmap (B, [T,] H, W, 3), e.g. the backbone's world points, or per-slot
-            pointmaps (B, [T,] K, H, W, 3) (``PointmapDecoderOutput.slot_pointmaps``), in which
+            pointmaps (B, [T,] K, H, W, 3) (`PointmapDecoderOutput.slot_pointmaps`), in which
             case each pixel takes the XYZ of the slot that wins it.
         masks: slot masks (B, [T,] K, H, W), soft or hard.
         valid: (B, [T,] H, W) bool, pixels to keep (e.g. confidence above a threshold).
 
     Returns:
-        ``clouds[b][k]``: (P_bk, 3) tensor of slot k's points in sample b.
+        `clouds[b][k]`: (P_bk, 3) tensor of slot k's points in sample b.
     """
     sizes = check_shape(masks, "masks", "B [T] K H W")
     video, num_slots = "T" in sizes, sizes["K"]

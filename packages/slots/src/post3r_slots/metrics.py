@@ -1,23 +1,23 @@
 """Object-discovery metrics: FG-ARI and mBO per image or per video, as torchmetrics Metrics.
 
 Ground truth is a map of instance ids, 0 = background (convert SlotContrast's one-channel-per-
-instance layout with :func:`instance_masks_to_ids`). Predictions are slot masks
+instance layout with `instance_masks_to_ids`). Predictions are slot masks
 (B, [T,] K, H, W), soft or hard, or predicted ids. Semantics follow SlotContrast (slots.md §4):
 
-- ``ignore_background=True`` (default) leaves background pixels out of every count: FG-ARI, and
+- `ignore_background=True` (default) leaves background pixels out of every count: FG-ARI, and
   mBO over foreground objects only (the slot masks still cover background pixels, which count
   against a slot's IoU). With False, id 0 is one more object.
-- ``ignore_overlaps``: pixels that belong to several instances (id ``OVERLAP_ID``, from the
-  converter) are left out of all counts; without it their presence raises ``ValueError``.
+- `ignore_overlaps`: pixels that belong to several instances (id `OVERLAP_ID`, from the
+  converter) are left out of all counts; without it their presence raises `ValueError`.
 - Samples (frames for Image*, videos for Video*) without a foreground pixel are skipped; with
-  ``count_background_only=True`` ARI scores them 1.0 instead (SlotContrast's MOVi behaviour).
-- ``soft_masks=False`` (default) takes the argmax over slots (ties to the lowest index);
-  ``True`` uses the masks as fractional assignments in the contingency counts.
-- mBO: every object takes the best IoU over all slots (``matching="overlap"``), or the slots
-  are matched one-to-one by scipy's ``linear_sum_assignment`` (``"hungarian"``: mIoU).
+  `count_background_only=True` ARI scores them 1.0 instead (SlotContrast's MOVi behaviour).
+- `soft_masks=False` (default) takes the argmax over slots (ties to the lowest index);
+  `True` uses the masks as fractional assignments in the contingency counts.
+- mBO: every object takes the best IoU over all slots (`matching="overlap"`), or the slots
+  are matched one-to-one by scipy's `linear_sum_assignment` (`"hungarian"`: mIoU).
 
 States are a float64 sum of per-sample scores and a sample count, reduced by sum, so the
-metrics sync across DDP ranks. ``compute`` returns NaN when no sample was counted.
+metrics sync across DDP ranks. `compute` returns NaN when no sample was counted.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ def instance_masks_to_ids(
 
     Args:
         masks: nonzero where an instance is present, e.g. (B, T, C, H, W) bool from the data
-            pipeline (``channel_dim=-3``) or a raw ``segmentations.npy`` (T, H, W, I) uint8
-            holding category ids (``channel_dim=-1``).
+            pipeline (`channel_dim=-3`) or a raw `segmentations.npy` (T, H, W, I) uint8
+            holding category ids (`channel_dim=-1`).
         channel_dim: the instance-channel dim.
         background_channel: channel 0 is the background (MOVi's one-hot masks).
 
     Returns:
-        int64 ids with the channel dim removed: 0 background, ``c + 1`` for instance channel c
-        (``c`` when ``background_channel``), ``OVERLAP_ID`` where several instances are set.
+        int64 ids with the channel dim removed: 0 background, `c + 1` for instance channel c
+        (`c` when `background_channel`), `OVERLAP_ID` where several instances are set.
     """
     present = torch.as_tensor(masks).movedim(channel_dim, -1) != 0
     if background_channel:
@@ -99,7 +99,7 @@ def _contingency(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts (S, C, K) float64 of points per (ground-truth label, slot), and the C label ids.
 
-    ``pred``: (S, K, P) masks or (S, P) ids; ``target``: (S, P) ids.
+    `pred`: (S, K, P) masks or (S, P) ids; `target`: (S, P) ids.
     """
     labels, target_index = torch.unique(target, return_inverse=True)
     num_samples, num_labels = target.shape[0], labels.numel()
@@ -180,7 +180,7 @@ def adjusted_rand_index(
         target: ids (S, ...), 0 = background.
 
     Returns:
-        (scores (S,) float64, counted (S,) bool): samples to skip have ``counted`` False.
+        (scores (S,) float64, counted (S,) bool): samples to skip have `counted` False.
     """
     pred, target = _flatten_points(pred, target)
     counts, labels = _contingency(pred, target, soft_masks)
@@ -217,8 +217,8 @@ def mean_best_overlap(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over ground-truth objects of their matched IoU, per sample.
 
-    Layouts as :func:`adjusted_rand_index`. Objects absent from a sample are not counted;
-    samples without objects have ``counted`` False.
+    Layouts as `adjusted_rand_index`. Objects absent from a sample are not counted;
+    samples without objects have `counted` False.
     """
     if matching not in ("overlap", "hungarian"):
         raise ValueError(f"matching must be 'overlap' or 'hungarian', got {matching!r}")
@@ -251,11 +251,11 @@ def _hungarian(iou: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 class _SampleMeanMetric(Metric):
     """Mean of per-sample scores, kept as a float64 sum and a count reduced by sum.
 
-    The states are named after the metric (``image_ari_sum``, ``image_ari_count``, ...) so that
-    a ``MetricCollection`` never fuses two different metrics into one compute group because
+    The states are named after the metric (`image_ari_sum`, `image_ari_count`, ...) so that
+    a `MetricCollection` never fuses two different metrics into one compute group because
     their states happened to be equal after the first batch. Two instances of the same class
     (e.g. one per decoder) can still be fused that way: build such collections with
-    ``compute_groups=False``.
+    `compute_groups=False`.
     """
 
     is_differentiable = False
@@ -332,7 +332,7 @@ class ImageARI(_ARIMetric):
     """FG-ARI per frame (every frame of a (B, T, ...) input is its own sample), averaged.
 
     Keyword options: ignore_background, ignore_overlaps, soft_masks, count_background_only
-    (see the module docstring), plus torchmetrics ``Metric`` kwargs.
+    (see the module docstring), plus torchmetrics `Metric` kwargs.
     """
 
     state_name = "image_ari"
@@ -347,7 +347,7 @@ class VideoARI(_ARIMetric):
 
 
 class ImageMBO(_MBOMetric):
-    """mBO per frame, averaged over frames. Options as :class:`ImageARI` plus ``matching``."""
+    """mBO per frame, averaged over frames. Options as `ImageARI` plus `matching`."""
 
     state_name = "image_mbo"
 

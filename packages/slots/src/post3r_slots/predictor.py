@@ -11,15 +11,15 @@ from post3r_slots._checks import check_shape
 class TransformerPredictor(nn.Module):
     """Pre-norm transformer encoder over the slots of one frame (SlotContrast: 1 block, 4 heads).
 
-    Standard ``1/√head_dim`` attention scaling (SlotContrast's predictor multiplies the logits
-    by ``√head_dim`` instead; that defect is not reproduced). No positional encoding and no final
+    Standard `1/√head_dim` attention scaling (SlotContrast's predictor multiplies the logits
+    by `√head_dim` instead; that defect is not reproduced). No positional encoding and no final
     norm, so the predictor is equivariant to permuting the slots.
 
     Args:
-        slot_dim: Ds; must be divisible by ``num_heads``.
+        slot_dim: Ds; must be divisible by `num_heads`.
         num_blocks: transformer blocks.
         num_heads: attention heads.
-        mlp_ratio: feed-forward width as a multiple of ``slot_dim``.
+        mlp_ratio: feed-forward width as a multiple of `slot_dim`.
     """
 
     def __init__(

@@ -5,7 +5,7 @@ it a "slot decoder" after its transformer-decoder blocks.
 
 Unlike slot attention there is no competition between slots: each slot cross-attends to the
 patches with a softmax over patches. Over time the new slots are blended with the slots the
-call started from through a TTT3R-style gate, ``g = sigmoid(mean cross-attention logit)``,
+call started from through a TTT3R-style gate, `g = sigmoid(mean cross-attention logit)`,
 computed per sample and per slot (TTT3R's own state gate averages over the batch; not here).
 """
 
@@ -25,7 +25,7 @@ from post3r_slots._optional import require
 class RecurrentSlotOutput(NamedTuple):
     """slots: (B, K, Ds). masks: (B, K, N), softmax over slots of the last block's head-mean
     cross-attention logits. gate: (B, K) in (0, 1), the weight of the new slots (applied only
-    when ``first_frame`` is False)."""
+    when `first_frame` is False)."""
 
     slots: torch.Tensor
     masks: torch.Tensor
@@ -109,18 +109,18 @@ class RopeDecoderBlock(nn.Module):
 
 
 class RecurrentSlotCorrector(nn.Module):
-    """POST3R's slot corrector: ``num_blocks`` RoPE decoder blocks plus a per-sample gate.
+    """POST3R's slot corrector: `num_blocks` RoPE decoder blocks plus a per-sample gate.
 
-    Called like :class:`SlotAttention`: ``(slots, features, first_frame=...)``. The features are
-    layer-normed and projected to ``slot_dim`` once per call. Patch positions come from
-    ``positions`` or, if omitted, from ``grid_size`` (or a square grid when N is a square).
+    Called like `SlotAttention`: `(slots, features, first_frame=...)`. The features are
+    layer-normed and projected to `slot_dim` once per call. Patch positions come from
+    `positions` or, if omitted, from `grid_size` (or a square grid when N is a square).
 
     Args:
         feature_dim: D.
-        slot_dim: Ds; ``slot_dim / num_heads`` must be a multiple of 4 (RoPE2D).
-        num_blocks: decoder blocks (POST3R's ``num_iterations``, 3).
-        num_heads: attention heads; defaults to ``max(1, slot_dim // 64)`` as in POST3R.
-        mlp_ratio: MLP width as a multiple of ``slot_dim``.
+        slot_dim: Ds; `slot_dim / num_heads` must be a multiple of 4 (RoPE2D).
+        num_blocks: decoder blocks (POST3R's `num_iterations`, 3).
+        num_heads: attention heads; defaults to `max(1, slot_dim // 64)` as in POST3R.
+        mlp_ratio: MLP width as a multiple of `slot_dim`.
         rope_base: RoPE2D frequency base.
         grid_size: (h, w) of the patch grid when positions are not passed.
         detach_gate: stop gradients through the gate (POST3R does; default lets them flow).
@@ -163,9 +163,9 @@ class RecurrentSlotCorrector(nn.Module):
         first_frame: bool = False,
         positions: torch.Tensor | None = None,
     ) -> RecurrentSlotOutput:
-        """Update ``slots`` (B, K, Ds) from ``features`` (B, N, D).
+        """Update `slots` (B, K, Ds) from `features` (B, N, D).
 
-        ``positions``: (B, N, 2) integer (y, x) patch positions. With ``first_frame`` the new
+        `positions`: (B, N, 2) integer (y, x) patch positions. With `first_frame` the new
         slots are returned as they are; otherwise they are gated against the input slots.
         """
         sizes = check_shape(slots, "slots", "B K Ds", Ds=self.slot_dim)

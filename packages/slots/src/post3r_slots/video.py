@@ -12,11 +12,11 @@ from post3r_slots.initializers import CarryOverInit
 
 
 class VideoSlots(NamedTuple):
-    """Per-frame outputs of :class:`SlotVideoProcessor`.
+    """Per-frame outputs of `SlotVideoProcessor`.
 
     slots: (B, T, K, Ds), the corrected slots of each frame (what decoders and losses use).
     predicted: (B, T, K, Ds), the predictor's output, i.e. the starting slots of frame t+1;
-        pass ``predicted[:, -1]`` as ``previous_slots`` to continue the video in the next call.
+        pass `predicted[:, -1]` as `previous_slots` to continue the video in the next call.
     masks: (B, T, K, N), the corrector's attention masks.
     """
 
@@ -29,15 +29,15 @@ class SlotVideoProcessor(nn.Module):
     """Corrector plus predictor scanned over time: features (B, T, N, D) → slots (B, T, K, Ds).
 
     Frame t is corrected from the slots predicted at t-1 (from the initialiser at the first
-    frame, where the corrector is called with ``first_frame=True``). The predictor also runs on
+    frame, where the corrector is called with `first_frame=True`). The predictor also runs on
     the last frame so that its output can seed the next call.
 
     Args:
-        initializer: ``initializer(batch_size) -> (B, K, Ds)``, e.g. :class:`FixedLearnedInit`;
-            wrapped in :class:`CarryOverInit` unless it already is one.
-        corrector: :class:`SlotAttention` or :class:`RecurrentSlotCorrector` (any module called as
-            ``corrector(slots, features, first_frame=bool) -> (slots, masks, ...)``).
-        predictor: e.g. :class:`TransformerPredictor`; None carries the corrected slots over.
+        initializer: `initializer(batch_size) -> (B, K, Ds)`, e.g. `FixedLearnedInit`;
+            wrapped in `CarryOverInit` unless it already is one.
+        corrector: `SlotAttention` or `RecurrentSlotCorrector` (any module called as
+            `corrector(slots, features, first_frame=bool) -> (slots, masks, ...)`).
+        predictor: e.g. `TransformerPredictor`; None carries the corrected slots over.
         detach_between_frames: cut gradients between frames (POST3R) instead of
             backpropagating through the whole clip (SlotContrast).
     """
@@ -64,11 +64,11 @@ class SlotVideoProcessor(nn.Module):
         reset: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> VideoSlots:
-        """Process ``features`` (B, T, N, D).
+        """Process `features` (B, T, N, D).
 
-        previous_slots: (B, K, Ds) to continue from (``predicted[:, -1]`` of the last call);
+        previous_slots: (B, K, Ds) to continue from (`predicted[:, -1]` of the last call);
             None starts every sample fresh.
-        reset: (B,) bool, samples that start a new video although ``previous_slots`` is given.
+        reset: (B,) bool, samples that start a new video although `previous_slots` is given.
         positions: (B, N, 2) or (B, T, N, 2) integer patch positions, for correctors that take
             them (RecurrentSlotCorrector).
         """
@@ -102,7 +102,7 @@ class SlotVideoProcessor(nn.Module):
         first_frame: bool | torch.Tensor,
         positions: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the corrector; a per-sample ``first_frame`` mask splits the batch in two calls."""
+        """Run the corrector; a per-sample `first_frame` mask splits the batch in two calls."""
         extra = {} if positions is None else {"positions": positions}
         if isinstance(first_frame, torch.Tensor):
             if bool(first_frame.all()) or not bool(first_frame.any()):
