@@ -1,26 +1,37 @@
 """Frames per second and peak memory of streaming inference against sequence length.
 
     uv run apps/bench-backbone  # tiny on CPU, plus ttt3r_512 in bf16 on a GPU if there is one
-    python -m post3r_backbone.benchmark --device cuda --preset ttt3r_512 --lengths 16 64 256
+    uv run apps/bench-backbone --device cuda --preset ttt3r_512 --lengths 16 64 256
+    uv run apps/bench-backbone --preset ttt3r_512 --size 384x512 --lengths 2 --compare-layout
 
 Weights are random (speed does not depend on them). Each run streams T frames through
 `model.step` from a fresh state, dropping the outputs as a consumer would, after a few warm-up
 frames. Peak memory is the CUDA allocator's peak (weights included) or, on CPU, the peak resident
-set size. Ratios in the same run: memory against the shortest sequence (flat = 1.00) and the
-TTT3R rule's speed against the CUT3R rule's (the cost of the gate).
+set size of the process during the run (the kernel's high-water mark, reset before each run).
+Ratios in the same run: memory against the shortest sequence (flat = 1.00) and the TTT3R rule's
+speed against the CUT3R rule's (the cost of the gate). ``--compare-layout`` instead alternates the
+heads' current token-map layout with the previous one (which made the DPT convolutions run in the
+NCHW layout at batch 1) and prints the ratios new/previous.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from post3r_backbone.config import TTT3RConfig
+from post3r_backbone.config import ConfigError, TTT3RConfig
+from post3r_backbone.dpt import DPTAdapter
+from post3r_backbone.heads import LinearHead
 from post3r_backbone.model import TTT3R
 from post3r_kernels.timing import synchronize
 
@@ -29,10 +40,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Result:
-    rule: str
+    rule: str  # the update rule, or the heads' layout ("new", "old") with --compare-layout
     length: int
     fps: float
     peak_bytes: int | None
+
+
+def _old_token_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return tokens.transpose(1, 2).unflatten(2, grid)
+
+
+def _old_unshuffle(features: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    return F.pixel_shuffle(features.transpose(1, 2).unflatten(2, grid), p)
+
+
+@contextmanager
+def previous_layout() -> Iterator[None]:
+    """The heads' token maps built as before the layout fix, for a same-run comparison only.
+
+    ``transpose(1, 2).unflatten(2, grid)`` gives the same values; at batch 1 its strides made
+    every DPT convolution run in the NCHW layout. The linear head used ``pixel_shuffle`` on it.
+    """
+    saved = DPTAdapter.token_map, LinearHead.unshuffle
+    DPTAdapter.token_map = staticmethod(_old_token_map)
+    LinearHead.unshuffle = staticmethod(_old_unshuffle)
+    try:
+        yield
+    finally:
+        DPTAdapter.token_map, LinearHead.unshuffle = (staticmethod(f) for f in saved)
 
 
 def random_model(config: TTT3RConfig, device: torch.device) -> TTT3R:
@@ -47,6 +82,25 @@ def _resident_bytes() -> int | None:
     if not statm.exists():
         return None
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_resident() -> bool:
+    """Reset the kernel's resident high-water mark (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_resident_bytes() -> int | None:
+    """VmHWM: the process's peak resident set since the last reset (Linux), else None."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(match.group(1)) * 1024 if match else None
 
 
 def stream(
@@ -68,23 +122,27 @@ def stream(
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        # Without a resettable high-water mark, sample the resident set between frames.
+        high_water = device.type == "cpu" and _reset_peak_resident()
         peak = _resident_bytes() or 0
         start = time.perf_counter()
         for t in range(length):
             _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
-            if device.type == "cpu":
+            if device.type == "cpu" and not high_water:
                 peak = max(peak, _resident_bytes() or 0)
         synchronize(device)
         seconds = time.perf_counter() - start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
+    elif high_water:
+        peak = _peak_resident_bytes() or peak
     return seconds / length, peak or None
 
 
 def run_configuration(
     args: argparse.Namespace, device: torch.device, preset: str, size: tuple[int, int]
 ) -> None:
-    config = TTT3RConfig.preset(preset)
+    config = TTT3RConfig.preset(preset, **args.set)
     model = random_model(config, device)
     dtype = DTYPES[args.dtype if device.type == "cuda" else "fp32"]
     pool = torch.rand(4, args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(
@@ -94,12 +152,22 @@ def run_configuration(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     millions = sum(p.numel() for p in model.parameters()) / 1e6
+    changed = "".join(f" {key}={value}" for key, value in args.set.items())
     print(
-        f"\n{preset} on {name}: {size[0]}x{size[1]} (HxW), batch {args.batch}, "
+        f"\n{preset}{changed} on {name}: {size[0]}x{size[1]} (HxW), batch {args.batch}, "
         f"{'autocast ' + args.dtype if dtype != torch.float32 else 'fp32'}, "
         f"{millions:.1f} M parameters ({weights / 2**20:.0f} MiB), "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     )
+    if args.compare_layout:
+        _compare_layouts(args, model, pool, dtype, outputs)
+    else:
+        _compare_rules(args, model, pool, dtype, outputs)
+    if args.profile:
+        _profile(model, pool, dtype, args.profile, outputs)
+
+
+def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs) -> None:
     results = []
     for length in args.lengths:  # rules alternate, so their ratio sees the same machine load
         for rule in args.rules:
@@ -107,8 +175,46 @@ def run_configuration(
             seconds, peak = stream(model, pool, length, dtype, args.warmup, outputs)
             results.append(Result(rule, length, args.batch / seconds, peak))
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
-    if args.profile:
-        _profile(model, pool, dtype, args.profile, outputs)
+
+
+LAYOUTS = {"new": nullcontext, "old": previous_layout}
+
+
+def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs) -> None:
+    """Current vs previous heads' layout, alternated ``--repeats`` times per length."""
+    model.update_rule = args.rules[0]
+    results = []
+    for length in args.lengths:
+        for _ in range(args.repeats):  # alternate, so both see the same machine load
+            for layout, context in LAYOUTS.items():
+                with context():
+                    seconds, peak = stream(model, pool, length, dtype, args.warmup, outputs)
+                results.append(Result(layout, length, args.batch / seconds, peak))
+    _print_layout_table(results, args.rules[0])
+
+
+def _print_layout_table(results: list[Result], rule: str) -> None:
+    """Per layout and length: median frames/s, max peak memory, and new/old ratios."""
+    columns = ("runs", "frames/s", "ms/frame", "peak MiB", "fps/old", "mem/old")
+    header = f"{'layout':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns)
+    print(f"heads' layout, {rule} rule (median frames/s over runs):")
+    print(header)
+    print("-" * len(header))
+    summary = {}
+    for r in results:
+        summary.setdefault((r.rule, r.length), []).append(r)
+    for (layout, length), runs in summary.items():
+        fps = sorted(r.fps for r in runs)[len(runs) // 2]
+        peaks = [r.peak_bytes for r in runs if r.peak_bytes]
+        summary[layout, length] = (len(runs), fps, max(peaks) if peaks else None)
+    for (layout, length), (count, fps, peak) in sorted(summary.items(), key=lambda kv: kv[0][1]):
+        _, old_fps, old_peak = summary["old", length]
+        memory = f"{peak / 2**20:9.0f}" if peak else f"{'n/a':>9}"
+        memory_ratio = f"{peak / old_peak:9.2f}" if peak and old_peak else f"{'n/a':>9}"
+        print(
+            f"{layout:<6} {length:>6} {count:>9} {fps:9.3f} {1000 / fps:9.1f} {memory} "
+            f"{fps / old_fps:9.2f} {memory_ratio}"
+        )
 
 
 def _profile(model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, frames: int, outputs) -> None:
@@ -155,6 +261,17 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def _override(text: str) -> tuple[str, object]:
+    """KEY=VALUE for a TTT3RConfig field; VALUE is a Python literal or else a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. enc_depth=6")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -190,7 +307,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N frames")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--set",
+        type=_override,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change config fields of the preset, e.g. --set enc_depth=6 dec_depth=6",
+    )
+    parser.add_argument(
+        "--compare-layout",
+        action="store_true",
+        help="alternate the heads' current and previous token-map layouts (first --rules rule)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive,
+        default=1,
+        help="with --compare-layout: alternations per length (median frames/s is shown)",
+    )
     args = parser.parse_args(argv)
+    args.set = dict(args.set)
+    try:
+        TTT3RConfig.preset(args.preset or "tiny", **args.set)
+    except (ConfigError, TypeError) as error:
+        parser.error(f"--set: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -209,8 +209,19 @@ class LinearHead(_Head):
         mlp = {"self": "proj", "world": "cross_proj", "rgb": "rgb_proj"}[part]
         features = getattr(self, mlp)(layers[-1])
         p = self.cfg.patch_size
-        grid = features.transpose(1, 2).unflatten(2, (image_size[0] // p, image_size[1] // p))
-        return F.pixel_shuffle(grid, p)
+        return self.unshuffle(features, (image_size[0] // p, image_size[1] // p), p)
+
+    @staticmethod
+    def unshuffle(features: Tensor, grid: tuple[int, int], p: int) -> Tensor:
+        """(B, N, C * p * p) per-token pixel blocks -> (B, C, h p, w p), channels_last in memory.
+
+        The same values as ``pixel_shuffle`` of the (B, C p p, h, w) token map (channel
+        ``c p^2 + i p + j`` of token (y, x) is pixel (y p + i, x p + j) of channel c), moved in
+        one copy straight into the channels-last order the activations read.
+        """
+        blocks = features.unflatten(1, grid).unflatten(-1, (-1, p, p))  # (B, h, w, C, p, p)
+        pixels = blocks.permute(0, 1, 4, 2, 5, 3).flatten(3, 4).flatten(1, 2)  # (B, hp, wp, C)
+        return pixels.permute(0, 3, 1, 2)
 
 
 def build_head(cfg: TTT3RConfig) -> nn.Module:

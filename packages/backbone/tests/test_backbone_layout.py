@@ -1,0 +1,92 @@
+"""The heads' convolutions run in the channels_last layout, at batch 1 and batch > 1.
+
+PyTorch picks a convolution's memory format from its input's strides, and a size-1 batch
+dimension with an odd stride is enough to make it fall back to the (slower on CPU) NCHW layout,
+even though ``is_contiguous(memory_format=torch.channels_last)`` is True for such an input (size-1
+dimensions are ignored there). The checks below therefore look at the layout a convolution
+actually produced (its output must be channels_last-contiguous with the canonical strides of its
+shape) and at its input's stride order, including size-1 dimensions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from post3r_backbone import TTT3R, TTT3RConfig
+
+CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def canonical_channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+
+
+def strides_like_channels_last(x: torch.Tensor) -> bool:
+    """Strides ordered C fastest, then W, H, N, counting size-1 dimensions too.
+
+    This is PyTorch's rule for suggesting the channels_last format (c10's
+    ``is_channels_last_strides_2d``), which is what a convolution follows.
+    """
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        if x.stride(dim) < smallest or (dim == 0 and smallest == x.stride(1)):
+            return False
+        smallest = x.stride(dim) * max(x.shape[dim], 1) if x.shape[dim] > 1 else x.stride(dim)
+    return True
+
+
+def record_layouts(model: nn.Module) -> tuple[list[str], list]:
+    """Hooks on every convolution of the heads; returns (names seen, hook handles)."""
+    seen: list[str] = []
+    handles = []
+    for name, module in model.downstream_head.named_modules():
+        if not isinstance(module, CONVOLUTIONS):
+            continue
+
+        def check(module, inputs, output, name=name):
+            (x,) = inputs
+            assert strides_like_channels_last(x), (
+                f"{name} got input strides {x.stride()} for shape {tuple(x.shape)}"
+            )
+            assert output.stride() == canonical_channels_last_strides(output.shape), (
+                f"{name} ran in the NCHW layout: output strides {output.stride()}"
+            )
+            seen.append(name)
+
+        handles.append(module.register_forward_hook(check))
+    return seen, handles
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dpt_head_convolutions_run_channels_last(batch):
+    torch.manual_seed(0)
+    model = TTT3R(TTT3RConfig.preset("tiny")).freeze()
+    seen, handles = record_layouts(model)
+    frame = torch.rand(batch, 3, 48, 64)
+    with torch.inference_mode():
+        out, _ = model.step(frame, model.init_state(batch), outputs="all")
+    for handle in handles:
+        handle.remove()
+    convolutions = [
+        n for n, m in model.downstream_head.named_modules() if isinstance(m, CONVOLUTIONS)
+    ]
+    # Every convolution of the three adapters ran (refinenet4's resConfUnit1 is unused, as in
+    # the original); the alias names scratch.layer_rn.* are the same modules as layer*_rn.
+    used = {n for n in convolutions if "refinenet4.resConfUnit1" not in n}
+    assert {n for n in seen} >= {n for n in used if ".layer_rn." not in n}
+    assert out.pts3d_world.shape == (batch, 48, 64, 3)
+
+
+def test_the_stride_rule_catches_the_batch_one_trap():
+    # The layout the heads used to build: is_contiguous(channels_last) cannot tell it apart.
+    tokens = torch.randn(1, 12, 8)
+    old = tokens.transpose(1, 2).unflatten(2, (3, 4))
+    new = tokens.unflatten(1, (3, 4)).permute(0, 3, 1, 2)
+    assert old.is_contiguous(memory_format=torch.channels_last)
+    assert not strides_like_channels_last(old)
+    assert strides_like_channels_last(new)
+    conv = nn.Conv2d(8, 8, 1)
+    assert conv(old).stride() != canonical_channels_last_strides(conv(old).shape)
+    assert conv(new).stride() == canonical_channels_last_strides(conv(new).shape)
