@@ -73,9 +73,9 @@ def test_dpt_head_convolutions_run_channels_last(batch):
         n for n, m in model.downstream_head.named_modules() if isinstance(m, CONVOLUTIONS)
     ]
     # Every convolution of the three adapters ran (refinenet4's resConfUnit1 is unused, as in
-    # the original); the alias names scratch.layer_rn.* are the same modules as layer*_rn.
-    used = {n for n in convolutions if "refinenet4.resConfUnit1" not in n}
-    assert {n for n in seen} >= {n for n in used if ".layer_rn." not in n}
+    # the original; named_modules lists the aliased scratch.layer_rn.* convolutions once).
+    assert set(seen) == {n for n in convolutions if "refinenet4.resConfUnit1" not in n}
+    assert len(seen) == len(set(seen))  # each ran once
     assert out.pts3d_world.shape == (batch, 48, 64, 3)
 
 
@@ -90,3 +90,24 @@ def test_the_stride_rule_catches_the_batch_one_trap():
     conv = nn.Conv2d(8, 8, 1)
     assert conv(old).stride() != canonical_channels_last_strides(conv(old).shape)
     assert conv(new).stride() == canonical_channels_last_strides(conv(new).shape)
+
+
+def test_dpt_convolution_weights_stay_channels_last_after_loading():
+    # Stored channels_last so that no convolution copies its weight on every call; a load with
+    # assign=True (how checkpoints are loaded) puts plain tensors in, which a hook converts back.
+    model = TTT3R(TTT3RConfig.preset("tiny"))
+    plain = {key: value.contiguous() for key, value in model.state_dict().items()}
+    model.load_state_dict(plain, assign=True)
+    weights = [
+        (name, module.weight)
+        for name, module in model.downstream_head.named_modules()
+        if isinstance(module, nn.Conv2d)
+    ]
+    assert weights
+    assert not plain["downstream_head.dpt_self.head.0.weight"].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    for name, weight in weights:  # what a convolution checks before copying its weight
+        assert weight.is_contiguous(memory_format=torch.channels_last), name
+    for key, value in model.state_dict().items():  # same values under the same keys
+        assert torch.equal(value, plain[key]), key

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from post3r_kernels import grid_positions
 from post3r_slots import (
     CarryOverInit,
     FixedLearnedInit,
@@ -11,7 +12,6 @@ from post3r_slots import (
     SlotAttention,
     SlotVideoProcessor,
     TransformerPredictor,
-    patch_grid_positions,
     slot_grid_positions,
 )
 
@@ -185,11 +185,11 @@ def test_predictor_uses_standard_attention_scaling():
     torch.testing.assert_close(predictor(slots), x)
 
 
-def test_grid_positions():
+def test_slot_grid_positions():
     expected = [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [3, 0]]
     assert slot_grid_positions(7).tolist() == expected
     assert slot_grid_positions(1).tolist() == [[0, 0]]
-    assert patch_grid_positions(2, 3).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert slot_grid_positions(0).shape == (0, 2)
 
 
 def test_old_recurrent_slot_decoder_name_still_works_with_a_warning():
@@ -204,7 +204,7 @@ def test_recurrent_slot_decoder_gate_and_positions():
     slots, features = torch.randn(2, 3, 32), torch.randn(2, 12, D)
     with pytest.raises(ValueError, match="grid_size"):
         decoder(slots, features)
-    positions = patch_grid_positions(3, 4).expand(2, -1, -1)
+    positions = grid_positions(3, 4).expand(2, -1, -1)
     first = decoder(slots, features, first_frame=True, positions=positions)
     assert first.slots.shape == (2, 3, 32) and first.masks.shape == (2, 3, 12)
     assert first.gate.shape == (2, 3) and bool(((first.gate > 0) & (first.gate < 1)).all())
@@ -222,7 +222,7 @@ def test_recurrent_decoder_sees_patches_through_their_rope_positions():
     # changes nothing (masks follow the patches), moving features alone changes the slots.
     decoder = RecurrentSlotCorrector(D, 32, num_blocks=2, num_heads=2)
     slots, features = torch.randn(1, 3, 32), torch.randn(1, 12, D)
-    positions = patch_grid_positions(3, 4)[None]
+    positions = grid_positions(3, 4)[None]
     order = torch.randperm(12)
     out = decoder(slots, features, positions=positions)
     moved = decoder(slots, features[:, order], positions=positions[:, order])
@@ -314,7 +314,7 @@ def test_processor_with_recurrent_decoder_and_positions():
     decoder = RecurrentSlotCorrector(D, 32, num_blocks=1, num_heads=2)
     processor = SlotVideoProcessor(FixedLearnedInit(3, 32), decoder)
     features = torch.randn(2, 2, 6, D)
-    positions = patch_grid_positions(2, 3).expand(2, 2, -1, -1)
+    positions = grid_positions(2, 3).expand(2, 2, -1, -1)
     out = processor(features, positions=positions)
     assert out.slots.shape == (2, 2, 3, 32)
     torch.testing.assert_close(out.predicted, out.slots)  # no predictor: carried over

@@ -148,7 +148,9 @@ def run_configuration(
     pool = torch.rand(4, args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(
         device
     )
-    outputs = tuple(args.outputs) if args.outputs else None
+    outputs = (
+        None if not args.outputs else "all" if args.outputs == ["all"] else tuple(args.outputs)
+    )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     millions = sum(p.numel() for p in model.parameters()) / 1e6
@@ -303,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=_positive, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--outputs", nargs="+", help="output fields to compute (default: the defaults)"
+        "--outputs",
+        nargs="+",
+        help="output fields to compute, or all (default: the model's defaults, every head)",
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N frames")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")

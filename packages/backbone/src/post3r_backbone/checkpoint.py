@@ -262,12 +262,6 @@ def build_model(
 # safetensors
 
 
-def canonical_state_dict(model: TTT3R) -> dict[str, Tensor]:
-    """The state dict without alias keys (safetensors refuses shared tensors)."""
-    aliases = alias_keys(model)
-    return {key: value for key, value in model.state_dict().items() if key not in aliases}
-
-
 def save_safetensors(
     model: TTT3R, path: str | Path, state_dict: Mapping[str, Tensor] | None = None
 ) -> None:

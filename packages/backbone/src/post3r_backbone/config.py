@@ -76,14 +76,6 @@ class TTT3RConfig:
         return float(self.pos_embed[len("RoPE") :])
 
     @property
-    def enc_head_dim(self) -> int:
-        return self.enc_embed_dim // self.enc_num_heads
-
-    @property
-    def state_head_dim(self) -> int:
-        return self.dec_embed_dim // self.state_dec_num_heads
-
-    @property
     def state_grid_width(self) -> int:
         """Width of the 2D grid the state tokens sit on: floor(sqrt(S)), made even."""
         width = math.isqrt(self.state_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -99,8 +100,21 @@ class DPTAdapter(nn.Module):
                 ),
             ]
         )
+        self.weights_channels_last()
+        self.register_load_state_dict_post_hook(_weights_channels_last_after_load)
 
     token_map = staticmethod(token_map)  # a class attribute so that a benchmark can swap it
+
+    def weights_channels_last(self) -> None:
+        """Store the convolution weights channels_last (same values and keys).
+
+        A convolution with a channels_last input otherwise copies its weight into that order on
+        every call. Loading with ``assign=True`` puts plain tensors in; a load hook re-applies it.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                weight = module.weight
+                weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, tokens: list[Tensor], image_size: tuple[int, int]) -> Tensor:
         """The (B, channels, H, W) map, channels_last in memory like every map inside."""
@@ -117,3 +131,7 @@ class DPTAdapter(nn.Module):
         path = scratch.refinenet2(path, maps[1])
         path = scratch.refinenet1(path, maps[0])
         return self.head(path)
+
+
+def _weights_channels_last_after_load(module: DPTAdapter, incompatible_keys: object) -> None:
+    module.weights_channels_last()

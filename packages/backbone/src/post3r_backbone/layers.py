@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from post3r_kernels import rope2d
+from post3r_kernels import merge_heads, rope2d, split_heads
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -42,16 +42,6 @@ def rotate(
     if rope_dtype is not None:
         return rope2d(x.to(rope_dtype), positions, base=base).to(x.dtype)
     return rope2d(x, positions, base=base)
-
-
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, N, C) -> (B, H, N, C // H), a view."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, N, D) -> (B, N, H * D)."""
-    return x.transpose(1, 2).flatten(2)
 
 
 class Mlp(nn.Module):
@@ -210,10 +200,3 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def grid_positions(height: int, width: int, device: torch.device) -> Tensor:
-    """(height * width, 2) int64 (row, col) positions in row-major order."""
-    rows = torch.arange(height, device=device)
-    cols = torch.arange(width, device=device)
-    return torch.cartesian_prod(rows, cols)

@@ -28,10 +28,10 @@ from post3r_backbone.layers import (
     LayerNorm,
     PatchEmbed,
     autocast_off,
-    grid_positions,
     normal,
 )
 from post3r_backbone.memory import PoseRetriever
+from post3r_kernels import grid_positions, row_major_positions
 
 
 @dataclass
@@ -334,12 +334,11 @@ class TTT3R(nn.Module):
     def _make_positions(self, key: tuple) -> Tensor:
         if key[0] == "patch":
             return grid_positions(key[1], key[2], key[3])[None]
-        index = torch.arange(self.config.state_size, device=key[1])
-        width = self.config.state_grid_width
-        rows, cols = (
-            (index // width, index % width) if self.config.state_pe == "2d" else (index, index)
-        )
-        return torch.stack([rows, cols], dim=-1)[None]
+        size = self.config.state_size
+        if self.config.state_pe == "2d":
+            return row_major_positions(size, self.config.state_grid_width, key[1])[None]
+        index = torch.arange(size, device=key[1])
+        return torch.stack([index, index], dim=-1)[None]  # "1d": (i, i)
 
     def decode(
         self,

@@ -2,7 +2,9 @@
 
 `rope2d(x, positions, base=100.0, impl=None)` is the one entry point; `impl` (or the
 `POST3R_ROPE2D_IMPL` environment variable) picks `torch`, `triton`, `compiled` or
-`auto`. Importing this package never imports triton.
+`auto`. Importing this package never imports triton. `split_heads`, `merge_heads`,
+`grid_positions` and `row_major_positions` lay tokens out for it (one home for the backbone
+and the slot corrector).
 """
 
 from post3r_kernels.dispatch import (
@@ -15,6 +17,7 @@ from post3r_kernels.dispatch import (
     rope2d_impls,
 )
 from post3r_kernels.reference import rope2d_torch
+from post3r_kernels.tokens import grid_positions, merge_heads, row_major_positions, split_heads
 from post3r_kernels.validation import check_rope2d_inputs
 
 __all__ = [
@@ -22,9 +25,13 @@ __all__ = [
     "Rope2dImpl",
     "auto_impl",
     "check_rope2d_inputs",
+    "grid_positions",
+    "merge_heads",
     "register_rope2d_impl",
     "resolve_rope2d_impl",
     "rope2d",
     "rope2d_impls",
     "rope2d_torch",
+    "row_major_positions",
+    "split_heads",
 ]

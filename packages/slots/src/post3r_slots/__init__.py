@@ -34,7 +34,6 @@ from post3r_slots.recurrent import (
     RecurrentSlotCorrector,
     RecurrentSlotOutput,
     RopeDecoderBlock,
-    patch_grid_positions,
     slot_grid_positions,
 )
 from post3r_slots.video import SlotVideoProcessor, VideoSlots
@@ -116,7 +115,6 @@ __all__ = [
     "instance_masks_to_ids",
     "masks_to_ids",
     "mean_best_overlap",
-    "patch_grid_positions",
     "patch_grid_size",
     "patch_masks_to_ids",
     "patch_masks_to_image",

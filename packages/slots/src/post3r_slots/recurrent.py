@@ -12,6 +12,7 @@ computed per sample and per slot (TTT3R's own state gate averages over the batch
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -32,34 +33,20 @@ class RecurrentSlotOutput(NamedTuple):
     gate: torch.Tensor
 
 
+def _kernels(feature: str) -> ModuleType:
+    """post3r_kernels (the ``rope`` extra): RoPE2D and the token layout helpers."""
+    return require("post3r_kernels", feature)
+
+
 def slot_grid_positions(num_slots: int, device: torch.device | None = None) -> torch.Tensor:
     """RoPE positions (K, 2) = (y, x) of the slots, laid out row-major on a grid.
 
     The grid width is ⌊√K⌋ rounded up to an even number, as in POST3R (K=7 gives (0,0), (0,1),
-    (1,0), (1,1), (2,0), (2,1), (3,0)).
+    (1,0), (1,1), (2,0), (2,1), (3,0)). Patch positions: ``post3r_kernels.grid_positions(h, w)``.
     """
     width = math.isqrt(num_slots)
     width += width % 2
-    index = torch.arange(num_slots, device=device)
-    return torch.stack((index // width, index % width), dim=-1)
-
-
-def patch_grid_positions(
-    height: int, width: int, device: torch.device | None = None
-) -> torch.Tensor:
-    """RoPE positions (height·width, 2) = (y, x) of a row-major patch grid."""
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
-    )
-    return torch.stack((ys.flatten(), xs.flatten()), dim=-1)
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, H, L, hd)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).flatten(2)
+    return _kernels("slot_grid_positions").row_major_positions(num_slots, max(width, 1), device)
 
 
 class RopeDecoderBlock(nn.Module):
@@ -71,7 +58,9 @@ class RopeDecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, rope_base: float) -> None:
         super().__init__()
         self.num_heads, self.rope_base = num_heads, rope_base
-        self.rope2d = require("post3r_kernels", "RecurrentSlotCorrector (2D RoPE)").rope2d
+        kernels = _kernels("RecurrentSlotCorrector (2D RoPE)")
+        self.rope2d, self.split_heads = kernels.rope2d, kernels.split_heads
+        self.merge_heads = kernels.merge_heads
         self.scale = (dim // num_heads) ** -0.5
         self.norm_self = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim)
@@ -92,18 +81,18 @@ class RopeDecoderBlock(nn.Module):
         memory: torch.Tensor,
         memory_positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = self.num_heads
-        q, k, v = (_split_heads(t, heads) for t in self.to_qkv(self.norm_self(slots)).chunk(3, -1))
+        heads, split = self.num_heads, self.split_heads
+        q, k, v = (split(t, heads) for t in self.to_qkv(self.norm_self(slots)).chunk(3, -1))
         q, k = (self.rope2d(t, slot_positions, self.rope_base) for t in (q, k))
-        slots = slots + self.out_self(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        slots = slots + self.out_self(self.merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
-        q = _split_heads(self.to_q(self.norm_cross(slots)), heads)
+        q = split(self.to_q(self.norm_cross(slots)), heads)
         q = self.rope2d(q, slot_positions, self.rope_base)
-        k, v = (_split_heads(t, heads) for t in self.to_kv(self.norm_memory(memory)).chunk(2, -1))
+        k, v = (split(t, heads) for t in self.to_kv(self.norm_memory(memory)).chunk(2, -1))
         k = self.rope2d(k, memory_positions, self.rope_base)
         logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, K, N)
         attended = torch.softmax(logits, dim=-1) @ v  # softmax over patches
-        slots = slots + self.out_cross(_merge_heads(attended))
+        slots = slots + self.out_cross(self.merge_heads(attended))
         slots = slots + self.mlp(self.norm_mlp(slots))
         return slots, logits
 
@@ -201,4 +190,5 @@ class RecurrentSlotCorrector(nn.Module):
                 f"features have N={num_patches} patches, which is not a {height}x{width} grid; "
                 "pass grid_size=(h, w) to RecurrentSlotCorrector or positions (B, N, 2)"
             )
-        return patch_grid_positions(height, width, device).expand(batch, -1, -1).contiguous()
+        grid = _kernels("RecurrentSlotCorrector (2D RoPE)").grid_positions(height, width, device)
+        return grid.expand(batch, -1, -1).contiguous()
