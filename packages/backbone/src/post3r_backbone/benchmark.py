@@ -20,6 +20,7 @@ import argparse
 import ast
 import os
 import re
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -44,6 +45,7 @@ class Result:
     length: int
     fps: float
     peak_bytes: int | None
+    faults_per_frame: float = 0.0  # minor page faults of the process per frame (CPU figure)
 
 
 def _old_token_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -55,19 +57,26 @@ def _old_unshuffle(features: torch.Tensor, grid: tuple[int, int], p: int) -> tor
 
 
 @contextmanager
-def previous_layout() -> Iterator[None]:
-    """The heads' token maps built as before the layout fix, for a same-run comparison only.
+def previous_layout(model: TTT3R) -> Iterator[None]:
+    """The heads as before the layout fix, for a same-run comparison only.
 
-    ``transpose(1, 2).unflatten(2, grid)`` gives the same values; at batch 1 its strides made
-    every DPT convolution run in the NCHW layout. The linear head used ``pixel_shuffle`` on it.
+    Token maps built as ``transpose(1, 2).unflatten(2, grid)`` (same values; at batch 1 its
+    strides made every DPT convolution run in the NCHW layout), the linear head's
+    ``pixel_shuffle`` on such a map, and convolution weights stored NCHW.
     """
     saved = DPTAdapter.token_map, LinearHead.unshuffle
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     DPTAdapter.token_map = staticmethod(_old_token_map)
     LinearHead.unshuffle = staticmethod(_old_unshuffle)
+    for conv in convolutions:
+        conv.weight.data = conv.weight.data.contiguous()
     try:
         yield
     finally:
         DPTAdapter.token_map, LinearHead.unshuffle = (staticmethod(f) for f in saved)
+        for adapter in model.modules():
+            if isinstance(adapter, DPTAdapter):
+                adapter.weights_channels_last()
 
 
 def random_model(config: TTT3RConfig, device: torch.device) -> TTT3R:
@@ -110,8 +119,12 @@ def stream(
     dtype: torch.dtype,
     warmup: int,
     outputs: tuple[str, ...] | None,
-) -> tuple[float, int | None]:
-    """Seconds per frame and peak memory while streaming `length` frames from a fresh state."""
+) -> tuple[float, int | None, float]:
+    """Seconds per frame, peak memory and minor page faults per frame over ``length`` frames.
+
+    Page faults count memory the process had to map afresh: large temporaries that glibc hands
+    back to the OS on every free and maps again on the next frame show up here.
+    """
     device = pool.device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.inference_mode(), autocast:
@@ -125,6 +138,7 @@ def stream(
         # Without a resettable high-water mark, sample the resident set between frames.
         high_water = device.type == "cpu" and _reset_peak_resident()
         peak = _resident_bytes() or 0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for t in range(length):
             _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
@@ -132,11 +146,12 @@ def stream(
                 peak = max(peak, _resident_bytes() or 0)
         synchronize(device)
         seconds = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     elif high_water:
         peak = _peak_resident_bytes() or peak
-    return seconds / length, peak or None
+    return seconds / length, peak or None, faults / length
 
 
 def run_configuration(
@@ -174,12 +189,12 @@ def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, o
     for length in args.lengths:  # rules alternate, so their ratio sees the same machine load
         for rule in args.rules:
             model.update_rule = rule
-            seconds, peak = stream(model, pool, length, dtype, args.warmup, outputs)
+            seconds, peak, _ = stream(model, pool, length, dtype, args.warmup, outputs)
             results.append(Result(rule, length, args.batch / seconds, peak))
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
 
 
-LAYOUTS = {"new": nullcontext, "old": previous_layout}
+LAYOUTS = {"new": lambda model: nullcontext(), "old": previous_layout}
 
 
 def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs) -> None:
@@ -189,33 +204,37 @@ def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype,
     for length in args.lengths:
         for _ in range(args.repeats):  # alternate, so both see the same machine load
             for layout, context in LAYOUTS.items():
-                with context():
-                    seconds, peak = stream(model, pool, length, dtype, args.warmup, outputs)
-                results.append(Result(layout, length, args.batch / seconds, peak))
+                with context(model):
+                    seconds, peak, faults = stream(model, pool, length, dtype, args.warmup, outputs)
+                results.append(Result(layout, length, args.batch / seconds, peak, faults))
     _print_layout_table(results, args.rules[0])
 
 
 def _print_layout_table(results: list[Result], rule: str) -> None:
-    """Per layout and length: median frames/s, max peak memory, and new/old ratios."""
-    columns = ("runs", "frames/s", "ms/frame", "peak MiB", "fps/old", "mem/old")
+    """Per layout and length: median frames/s, max peak memory, faults, and new/old ratios."""
+    columns = ("runs", "frames/s", "ms/frame", "peak MiB", "faults/fr", "fps/old", "mem/old")
     header = f"{'layout':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns)
     print(f"heads' layout, {rule} rule (median frames/s over runs):")
     print(header)
     print("-" * len(header))
-    summary = {}
+    groups: dict[tuple[str, int], list[Result]] = {}
     for r in results:
-        summary.setdefault((r.rule, r.length), []).append(r)
-    for (layout, length), runs in summary.items():
+        groups.setdefault((r.rule, r.length), []).append(r)
+    summary = {}
+    for key, runs in groups.items():
         fps = sorted(r.fps for r in runs)[len(runs) // 2]
         peaks = [r.peak_bytes for r in runs if r.peak_bytes]
-        summary[layout, length] = (len(runs), fps, max(peaks) if peaks else None)
-    for (layout, length), (count, fps, peak) in sorted(summary.items(), key=lambda kv: kv[0][1]):
-        _, old_fps, old_peak = summary["old", length]
+        faults = sorted(r.faults_per_frame for r in runs)[len(runs) // 2]
+        summary[key] = (len(runs), fps, max(peaks) if peaks else None, faults)
+    for (layout, length), (count, fps, peak, faults) in sorted(
+        summary.items(), key=lambda item: item[0][1]
+    ):
+        _, old_fps, old_peak, _ = summary["old", length]
         memory = f"{peak / 2**20:9.0f}" if peak else f"{'n/a':>9}"
         memory_ratio = f"{peak / old_peak:9.2f}" if peak and old_peak else f"{'n/a':>9}"
         print(
             f"{layout:<6} {length:>6} {count:>9} {fps:9.3f} {1000 / fps:9.1f} {memory} "
-            f"{fps / old_fps:9.2f} {memory_ratio}"
+            f"{faults:9.0f} {fps / old_fps:9.2f} {memory_ratio}"
         )
 
 
