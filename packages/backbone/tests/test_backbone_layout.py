@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from post3r_backbone import TTT3R, TTT3RConfig
+from post3r_backbone.benchmark import previous_layout
+from post3r_backbone.dpt import DPTAdapter, token_map
 
 CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -111,3 +113,29 @@ def test_dpt_convolution_weights_stay_channels_last_after_loading():
         assert weight.is_contiguous(memory_format=torch.channels_last), name
     for key, value in model.state_dict().items():  # same values under the same keys
         assert torch.equal(value, plain[key]), key
+
+
+LINEAR_TINY = {"head_type": "linear", "patch_size": 8}
+
+
+@pytest.mark.parametrize("overrides", [{}, LINEAR_TINY], ids=["dpt", "linear"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_previous_layout_gives_the_same_outputs_and_is_restored(overrides, batch):
+    # The layout is the only difference, so the outputs match bit for bit; the benchmark's
+    # context puts everything back afterwards.
+    torch.manual_seed(0)
+    model = TTT3R(TTT3RConfig.preset("tiny", **overrides)).freeze()
+    frame = torch.rand(batch, 3, 48, 64)
+    names = ("pts3d_world", "conf_world", "pts3d_self", "conf_self", "rgb", "camera_pose")
+    with torch.inference_mode():
+        new, _ = model.step(frame, model.init_state(batch), outputs=names)
+        with previous_layout(model):
+            old, _ = model.step(frame, model.init_state(batch), outputs=names)
+        again, _ = model.step(frame, model.init_state(batch), outputs=names)
+    for name in names:
+        torch.testing.assert_close(getattr(new, name), getattr(old, name), rtol=1e-6, atol=1e-6)
+        assert torch.equal(getattr(new, name), getattr(again, name)), name
+    assert DPTAdapter.token_map is token_map
+    for module in model.downstream_head.modules():
+        if isinstance(module, nn.Conv2d):
+            assert module.weight.is_contiguous(memory_format=torch.channels_last)

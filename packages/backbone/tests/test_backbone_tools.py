@@ -38,6 +38,9 @@ def test_benchmark_prints_a_table(capsys):
         (["--size", "384"], "'384' is not HxW"),
         (["--lengths", "0"], "--lengths: must be a positive integer, got 0"),
         (["--batch", "0"], "--batch: must be a positive integer, got 0"),
+        (["--set", "enc_dept=2"], "--set: unknown TTT3R config key 'enc_dept'"),
+        (["--set", "enc_depth"], "'enc_depth' is not KEY=VALUE"),
+        (["--repeats", "0"], "--repeats: must be a positive integer, got 0"),
     ],
 )
 def test_benchmark_rejects_bad_options(option, message, capsys):
@@ -45,3 +48,17 @@ def test_benchmark_rejects_bad_options(option, message, capsys):
         benchmark_main(["--device", "cpu", *option])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_benchmark_compares_the_heads_layouts(capsys):
+    argv = ["--device", "cpu", "--lengths", "2", "--warmup", "0", "--compare-layout"]
+    assert benchmark_main([*argv, "--repeats", "2", "--set", "dec_depth=2"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny dec_depth=2 on CPU" in out
+    rows = {
+        line.split()[0]: line.split() for line in out.splitlines() if line[:4] in ("new ", "old ")
+    }
+    assert set(rows) == {"new", "old"}
+    assert rows["new"][2] == rows["old"][2] == "2"  # runs per layout
+    assert rows["old"][-2:] == ["1.00", "1.00"]  # old against itself: speed, memory
+    assert float(rows["new"][-2]) > 0

@@ -3,7 +3,7 @@
 The file name does not match `test_*.py` on purpose. Triton decides between compiling and
 interpreting when a kernel is decorated, so these cases need a process of their own:
 
-* on CPU: `TRITON_INTERPRET=1 python -m pytest packages/kernels/tests/triton_kernel_cases.py`
+* on CPU: `TRITON_INTERPRET=1 uv run pytest packages/kernels/tests/triton_kernel_cases.py`
   (what test_kernels_triton.py does in a subprocess);
 * on a CUDA or ROCm GPU: the same command without `TRITON_INTERPRET` runs the compiled kernels,
   plus the GPU-only cases at the end (larger shapes, torch.compile, opcheck).
