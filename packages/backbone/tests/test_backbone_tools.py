@@ -60,5 +60,5 @@ def test_benchmark_compares_the_heads_layouts(capsys):
     }
     assert set(rows) == {"new", "old"}
     assert rows["new"][2] == rows["old"][2] == "2"  # runs per layout
-    assert rows["old"][-2:] == ["1.00", "1.00"]  # old against itself: speed, memory
-    assert float(rows["new"][-2]) > 0
+    assert rows["old"][-3:] == ["1.00", "1.00", "1.00"]  # old against itself: fps, cpu, memory
+    assert float(rows["new"][-3]) > 0

@@ -46,6 +46,7 @@ class Result:
     fps: float
     peak_bytes: int | None
     faults_per_frame: float = 0.0  # minor page faults of the process per frame (CPU figure)
+    cpu_seconds: float = 0.0  # process CPU time per frame, all threads (CPU figure)
 
 
 def _old_token_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -119,11 +120,13 @@ def stream(
     dtype: torch.dtype,
     warmup: int,
     outputs: tuple[str, ...] | None,
-) -> tuple[float, int | None, float]:
-    """Seconds per frame, peak memory and minor page faults per frame over ``length`` frames.
+) -> tuple[float, int | None, float, float]:
+    """Seconds per frame, peak memory, minor page faults and CPU seconds per frame.
 
     Page faults count memory the process had to map afresh: large temporaries that glibc hands
-    back to the OS on every free and maps again on the next frame show up here.
+    back to the OS on every free and maps again on the next frame show up here. CPU seconds
+    (the process's user + system time) hardly change when other jobs load the machine, so with
+    one thread they compare two variants more steadily than wall-clock frames/s.
     """
     device = pool.device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -139,6 +142,7 @@ def stream(
         high_water = device.type == "cpu" and _reset_peak_resident()
         peak = _resident_bytes() or 0
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cpu_start = time.process_time()
         start = time.perf_counter()
         for t in range(length):
             _, state = model.step(pool[t % len(pool)], state, outputs=outputs)
@@ -147,11 +151,12 @@ def stream(
         synchronize(device)
         seconds = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        cpu_seconds = time.process_time() - cpu_start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     elif high_water:
         peak = _peak_resident_bytes() or peak
-    return seconds / length, peak or None, faults / length
+    return seconds / length, peak or None, faults / length, cpu_seconds / length
 
 
 def run_configuration(
@@ -189,7 +194,7 @@ def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, o
     for length in args.lengths:  # rules alternate, so their ratio sees the same machine load
         for rule in args.rules:
             model.update_rule = rule
-            seconds, peak, _ = stream(model, pool, length, dtype, args.warmup, outputs)
+            seconds, peak, _, _ = stream(model, pool, length, dtype, args.warmup, outputs)
             results.append(Result(rule, length, args.batch / seconds, peak))
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
 
@@ -205,16 +210,22 @@ def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype,
         for _ in range(args.repeats):  # alternate, so both see the same machine load
             for layout, context in LAYOUTS.items():
                 with context(model):
-                    seconds, peak, faults = stream(model, pool, length, dtype, args.warmup, outputs)
-                results.append(Result(layout, length, args.batch / seconds, peak, faults))
+                    measured = stream(model, pool, length, dtype, args.warmup, outputs)
+                seconds, peak, faults, cpu = measured
+                results.append(Result(layout, length, args.batch / seconds, peak, faults, cpu))
     _print_layout_table(results, args.rules[0])
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _print_layout_table(results: list[Result], rule: str) -> None:
-    """Per layout and length: median frames/s, max peak memory, faults, and new/old ratios."""
-    columns = ("runs", "frames/s", "ms/frame", "peak MiB", "faults/fr", "fps/old", "mem/old")
-    header = f"{'layout':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns)
-    print(f"heads' layout, {rule} rule (median frames/s over runs):")
+    """Per layout and length: medians over runs, max peak memory, and new/old ratios."""
+    columns = ("runs", "frames/s", "cpu s/fr", "peak MiB", "faults/fr")
+    ratios = ("fps/old", "cpu/old", "mem/old")
+    header = f"{'layout':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns + ratios)
+    print(f"heads' layout, {rule} rule (medians over runs; cpu: process CPU seconds per frame):")
     print(header)
     print("-" * len(header))
     groups: dict[tuple[str, int], list[Result]] = {}
@@ -222,19 +233,24 @@ def _print_layout_table(results: list[Result], rule: str) -> None:
         groups.setdefault((r.rule, r.length), []).append(r)
     summary = {}
     for key, runs in groups.items():
-        fps = sorted(r.fps for r in runs)[len(runs) // 2]
         peaks = [r.peak_bytes for r in runs if r.peak_bytes]
-        faults = sorted(r.faults_per_frame for r in runs)[len(runs) // 2]
-        summary[key] = (len(runs), fps, max(peaks) if peaks else None, faults)
-    for (layout, length), (count, fps, peak, faults) in sorted(
+        summary[key] = (
+            len(runs),
+            _median([r.fps for r in runs]),
+            _median([r.cpu_seconds for r in runs]),
+            max(peaks) if peaks else None,
+            _median([r.faults_per_frame for r in runs]),
+        )
+    for (layout, length), (count, fps, cpu, peak, faults) in sorted(
         summary.items(), key=lambda item: item[0][1]
     ):
-        _, old_fps, old_peak, _ = summary["old", length]
+        _, old_fps, old_cpu, old_peak, _ = summary["old", length]
         memory = f"{peak / 2**20:9.0f}" if peak else f"{'n/a':>9}"
         memory_ratio = f"{peak / old_peak:9.2f}" if peak and old_peak else f"{'n/a':>9}"
+        cpu_ratio = f"{cpu / old_cpu:9.2f}" if old_cpu else f"{'n/a':>9}"
         print(
-            f"{layout:<6} {length:>6} {count:>9} {fps:9.3f} {1000 / fps:9.1f} {memory} "
-            f"{faults:9.0f} {fps / old_fps:9.2f} {memory_ratio}"
+            f"{layout:<6} {length:>6} {count:>9} {fps:9.3f} {cpu:9.2f} {memory} {faults:9.0f} "
+            f"{fps / old_fps:9.2f} {cpu_ratio} {memory_ratio}"
         )
 
 
