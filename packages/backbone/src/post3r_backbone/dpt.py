@@ -20,7 +20,8 @@ def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     Convolutions follow their input's stride order. ``tokens.transpose(1, 2).unflatten(2, grid)``
     has the same strides except for a size-1 batch, where it gets a stride PyTorch does not
     read as channels_last, so every convolution of the adapter then ran in the NCHW layout
-    (about 1.7x slower on CPU). Permuting the unflattened tokens keeps the order at any batch.
+    (slower on CPU; figures in the README). Permuting the unflattened tokens keeps the order at
+    any batch.
     """
     return tokens.unflatten(1, grid).permute(0, 3, 1, 2)
 
