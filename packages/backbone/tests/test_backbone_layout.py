@@ -2,7 +2,7 @@
 
 PyTorch picks a convolution's memory format from its input's strides, and a size-1 batch
 dimension with an odd stride is enough to make it fall back to the (slower on CPU) NCHW layout,
-even though ``is_contiguous(memory_format=torch.channels_last)`` is True for such an input (size-1
+even though `is_contiguous(memory_format=torch.channels_last)` is True for such an input (size-1
 dimensions are ignored there). The checks below therefore look at the layout a convolution
 actually produced (its output must be channels_last-contiguous with the canonical strides of its
 shape) and at its input's stride order, including size-1 dimensions.
@@ -29,7 +29,7 @@ def strides_like_channels_last(x: torch.Tensor) -> bool:
     """Strides ordered C fastest, then W, H, N, counting size-1 dimensions too.
 
     This is PyTorch's rule for suggesting the channels_last format (c10's
-    ``is_channels_last_strides_2d``), which is what a convolution follows.
+    `is_channels_last_strides_2d`), which is what a convolution follows.
     """
     smallest = 0
     for dim in (1, 3, 2, 0):

@@ -9,7 +9,7 @@ Weights are random (speed does not depend on them). Each run streams T frames th
 frames. Peak memory is the CUDA allocator's peak (weights included) or, on CPU, the peak resident
 set size of the process during the run (the kernel's high-water mark, reset before each run).
 Ratios in the same run: memory against the shortest sequence (flat = 1.00) and the TTT3R rule's
-speed against the CUT3R rule's (the cost of the gate). ``--compare-layout`` instead alternates the
+speed against the CUT3R rule's (the cost of the gate). `--compare-layout` instead alternates the
 heads' current token-map layout with the previous one (which made the DPT convolutions run in the
 NCHW layout at batch 1) and prints the ratios new/previous.
 """
@@ -23,15 +23,16 @@ import re
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from post3r_backbone.config import ConfigError, TTT3RConfig
+from post3r_backbone.config import TTT3RConfig
 from post3r_backbone.dpt import DPTAdapter
+from post3r_backbone.errors import TTT3RConfigError
 from post3r_backbone.heads import LinearHead
 from post3r_backbone.model import TTT3R
 from post3r_kernels.timing import synchronize
@@ -61,20 +62,21 @@ def _old_unshuffle(features: torch.Tensor, grid: tuple[int, int], p: int) -> tor
 def previous_layout(model: TTT3R) -> Iterator[None]:
     """The heads as before the layout fix, for a same-run comparison only.
 
-    Token maps built as ``transpose(1, 2).unflatten(2, grid)`` (same values; at batch 1 its
+    Token maps built as `transpose(1, 2).unflatten(2, grid)` (same values; at batch 1 its
     strides made every DPT convolution run in the NCHW layout), the linear head's
-    ``pixel_shuffle`` on such a map, and convolution weights stored NCHW.
+    `pixel_shuffle` on such a map, and convolution weights stored NCHW.
     """
     saved = DPTAdapter.token_map, LinearHead.unshuffle
     convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    DPTAdapter.token_map = staticmethod(_old_token_map)
-    LinearHead.unshuffle = staticmethod(_old_unshuffle)
+    setattr(DPTAdapter, "token_map", staticmethod(_old_token_map))  # noqa: B010 (a method)
+    setattr(LinearHead, "unshuffle", staticmethod(_old_unshuffle))  # noqa: B010
     for conv in convolutions:
         conv.weight.data = conv.weight.data.contiguous()
     try:
         yield
     finally:
-        DPTAdapter.token_map, LinearHead.unshuffle = (staticmethod(f) for f in saved)
+        setattr(DPTAdapter, "token_map", staticmethod(saved[0]))  # noqa: B010
+        setattr(LinearHead, "unshuffle", staticmethod(saved[1]))  # noqa: B010
         for adapter in model.modules():
             if isinstance(adapter, DPTAdapter):
                 adapter.weights_channels_last()
@@ -199,17 +201,21 @@ def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, o
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
 
 
-LAYOUTS = {"new": lambda model: nullcontext(), "old": previous_layout}
+LAYOUTS = ("new", "old")
+
+
+def _layout(name: str, model: TTT3R) -> AbstractContextManager[None]:
+    return previous_layout(model) if name == "old" else nullcontext()
 
 
 def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs) -> None:
-    """Current vs previous heads' layout, alternated ``--repeats`` times per length."""
+    """Current vs previous heads' layout, alternated `--repeats` times per length."""
     model.update_rule = args.rules[0]
     results = []
     for length in args.lengths:
         for _ in range(args.repeats):  # alternate, so both see the same machine load
-            for layout, context in LAYOUTS.items():
-                with context(model):
+            for layout in LAYOUTS:
+                with _layout(layout, model):
                     measured = stream(model, pool, length, dtype, args.warmup, outputs)
                 seconds, peak, faults, cpu = measured
                 results.append(Result(layout, length, args.batch / seconds, peak, faults, cpu))
@@ -369,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args.set = dict(args.set)
     try:
         TTT3RConfig.preset(args.preset or "tiny", **args.set)
-    except (ConfigError, TypeError) as error:
+    except (TTT3RConfigError, TypeError) as error:
         parser.error(f"--set: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)

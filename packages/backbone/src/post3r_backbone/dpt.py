@@ -17,7 +17,7 @@ from torch import Tensor, nn
 def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, N, C) row-major tokens -> a (B, C, h, w) view in the channels_last layout, no copy.
 
-    Convolutions follow their input's stride order. ``tokens.transpose(1, 2).unflatten(2, grid)``
+    Convolutions follow their input's stride order. `tokens.transpose(1, 2).unflatten(2, grid)`
     has the same strides except for a size-1 batch, where it gets a stride PyTorch does not
     read as channels_last, so every convolution of the adapter then ran in the NCHW layout
     (slower on CPU; figures in the README). Permuting the unflattened tokens keeps the order at
@@ -110,7 +110,7 @@ class DPTAdapter(nn.Module):
         """Store the convolution weights channels_last (same values and keys).
 
         A convolution with a channels_last input otherwise copies its weight into that order on
-        every call. Loading with ``assign=True`` puts plain tensors in; a load hook re-applies it.
+        every call. Loading with `assign=True` puts plain tensors in; a load hook re-applies it.
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

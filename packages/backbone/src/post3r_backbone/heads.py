@@ -215,8 +215,8 @@ class LinearHead(_Head):
     def unshuffle(features: Tensor, grid: tuple[int, int], p: int) -> Tensor:
         """(B, N, C * p * p) per-token pixel blocks -> (B, C, h p, w p), channels_last in memory.
 
-        The same values as ``pixel_shuffle`` of the (B, C p p, h, w) token map (channel
-        ``c p^2 + i p + j`` of token (y, x) is pixel (y p + i, x p + j) of channel c), moved in
+        The same values as `pixel_shuffle` of the (B, C p p, h, w) token map (channel
+        `c p^2 + i p + j` of token (y, x) is pixel (y p + i, x p + j) of channel c), moved in
         one copy straight into the channels-last order the activations read.
         """
         blocks = features.unflatten(1, grid).unflatten(-1, (-1, p, p))  # (B, h, w, C, p, p)

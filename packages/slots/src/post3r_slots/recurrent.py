@@ -34,7 +34,7 @@ class RecurrentSlotOutput(NamedTuple):
 
 
 def _kernels(feature: str) -> ModuleType:
-    """post3r_kernels (the ``rope`` extra): RoPE2D and the token layout helpers."""
+    """post3r_kernels (the `rope` extra): RoPE2D and the token layout helpers."""
     return require("post3r_kernels", feature)
 
 
@@ -42,7 +42,7 @@ def slot_grid_positions(num_slots: int, device: torch.device | None = None) -> t
     """RoPE positions (K, 2) = (y, x) of the slots, laid out row-major on a grid.
 
     The grid width is ⌊√K⌋ rounded up to an even number, as in POST3R (K=7 gives (0,0), (0,1),
-    (1,0), (1,1), (2,0), (2,1), (3,0)). Patch positions: ``post3r_kernels.grid_positions(h, w)``.
+    (1,0), (1,1), (2,0), (2,1), (3,0)). Patch positions: `post3r_kernels.grid_positions(h, w)`.
     """
     width = math.isqrt(num_slots)
     width += width % 2
