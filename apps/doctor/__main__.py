@@ -1,0 +1,8 @@
+"""Check a machine (and, given a config, its files and data) before a long job.
+
+Run from the repository root: `uv run apps/doctor [CONFIG] [--data-dir D] [key=value ...]`.
+"""
+
+from post3r_train.doctor import main
+
+raise SystemExit(main())
