@@ -134,7 +134,10 @@ def check_triton(tritons: dict[str, str], hip: bool, wanted: str | None, gpu_cou
 
 
 def _distribution_location(name: str) -> str:
-    distribution = importlib.metadata.distribution(name)
+    try:
+        distribution = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed here"
     installer = (distribution.read_text("INSTALLER") or "?").strip()
     return f"installed by {installer} into {distribution.locate_file('')}"
 
@@ -312,16 +315,16 @@ def check_data(cfg: DictConfig) -> Iterator[Check]:
             detail, _, fix = str(error).partition("; ")
             yield problem(name, detail, fix or "pass --data-dir DIR")
             continue
-        loader = make_val_loader(
-            shards[:1],
-            resolution=frame_size(cfg),
-            batch_size=1,
-            chunk_size=None,
-            rank=0,
-            world_size=1,
-            on_error="raise",
-        )
         try:
+            loader = make_val_loader(
+                shards[:1],
+                resolution=frame_size(cfg),
+                batch_size=1,
+                chunk_size=None,
+                rank=0,
+                world_size=1,
+                on_error="raise",
+            )
             sample = next(iter(loader))
         except StopIteration:
             yield problem(name, f"{shards[0]} holds no video", "re-create the shards")
