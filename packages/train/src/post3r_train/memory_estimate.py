@@ -171,3 +171,26 @@ def estimate_training_memory(cfg: DictConfig) -> MemoryEstimate:
             batch_bytes=_nbytes(batch.values()),
             precision=precision,
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m post3r_train.memory_estimate [CONFIG] [key=value ...]`: print the estimate."""
+    import sys
+
+    from post3r_train.cli import split_items
+    from post3r_train.config import ConfigError, load_config
+
+    try:
+        config, overrides = split_items(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(config, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    estimate = estimate_training_memory(cfg)
+    print(f"estimated peak: {estimate.peak_bytes} bytes")
+    print(estimate.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

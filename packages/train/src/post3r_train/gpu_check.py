@@ -1,0 +1,473 @@
+"""`bash scripts/gpu-check.sh [--cpu-tiny]`: the GPU path tested and measured in one run, one table.
+
+Steps, in order, each a subprocess with its own time limit (budget on an H200, under 8 minutes
+in all): the Triton kernel tests on the device (1 min), `bench-rope2d` (1.5 min),
+`bench-backbone` with ttt3r_512 at 512x384 bf16 over 16/64/256 frames (2.5 min), `bench-train`
+with ytvis2021 at batch 4, 11 slots, clips of 6, online and cached teacher (2 min). Alongside,
+on the CPU, the memory estimate `apps/doctor` makes for that training step, so the table shows
+it next to the measured peak. `--cpu-tiny` runs the same steps on the CPU at tiny sizes (CI
+does, to keep the script working where there is no GPU). The exit status is 1 when a step
+failed or ran out of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from post3r_train.memory_estimate import human_bytes
+
+ROOT = Path(__file__).resolve().parents[4]
+OK, SKIP, FAILED, TIMEOUT = "ok", "skip", "FAILED", "TIMEOUT"
+TRAIN_SETTING = ["dataset.batch_size=4", "model.num_slots=11", "dataset.chunk_size=6"]
+# The same step at CPU scale: the smoke config with the tiny TTT3R as the online teacher.
+TINY_TRAIN_SETTING = [
+    "dataset.batch_size=2",
+    "model.teacher.name=ttt3r",
+    "model.teacher.preset=tiny",
+    "model.teacher.image_size=32",
+]
+
+
+@dataclass
+class Row:
+    """One line of the summary: a step's item, its status and its figures."""
+
+    step: str
+    status: str
+    item: str
+    result: str
+
+
+@dataclass
+class Step:
+    """A command to run with a time limit, and how to turn its output into rows."""
+
+    name: str
+    command: list[str]
+    timeout_s: float
+    parse: Callable[[str], list[Row]]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    step: Step
+    returncode: int | None  # None: killed at the time limit
+    output: str
+    seconds: float
+
+
+def app(name: str, *args: str) -> list[str]:
+    """`python apps/<name> args`: what `uv run apps/<name>` runs, in this interpreter."""
+    return [sys.executable, str(ROOT / "apps" / name), *args]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsers: a step's printed figures -> rows
+
+
+def parse_pytest(step: str, item: str) -> Callable[[str], list[Row]]:
+    def parse(output: str) -> list[Row]:
+        summary = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+        result = summary[-1].strip("= ") if summary else "no pytest summary"
+        status = OK if summary and "failed" not in result and "error" not in result else FAILED
+        return [Row(step, status, item, result)]
+
+    return parse
+
+
+_ROPE_ROW = re.compile(
+    r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\w+)\s+(\w+) \| fwd (.*?) \| fwd\+bwd (.*)$"
+)
+
+
+def _rope_figures(text: str) -> str:
+    values = text.split()
+    if values[0] == "-":
+        return "-"
+    _, gbps, share, eager, compiled = values
+    versus = f", x{eager} eager" + (f", x{compiled} compile" if compiled != "-" else "")
+    return f"{float(gbps):.3g} GB/s = {share} % of copy{versus}"
+
+
+def parse_rope2d(output: str) -> list[Row]:
+    """The fastest implementation's row per shape and dtype (Triton's when it ran)."""
+    rows: dict[tuple[str, str], tuple[str, str]] = {}
+    for line in output.splitlines():
+        match = _ROPE_ROW.match(line)
+        if not match:
+            continue
+        *shape, dtype, impl, forward, both = match.groups()
+        key = ("x".join(shape), dtype)
+        if key not in rows or impl == "triton":
+            rows[key] = (impl, f"fwd {_rope_figures(forward)} | fwd+bwd {_rope_figures(both)}")
+    return [
+        Row("rope2d", OK, f"{impl} {dtype} {shape}", figures)
+        for (shape, dtype), (impl, figures) in rows.items()
+    ]
+
+
+_BACKBONE_HEAD = re.compile(r"^(\S+) on (.+?): (\d+x\d+) \(HxW\).*?(autocast \w+|fp32)")
+_BACKBONE_ROW = re.compile(r"^(ttt3r|cut3r)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\S+)")
+
+
+def parse_backbone(output: str) -> list[Row]:
+    """Frames/s and peak memory per sequence length."""
+    rows, title = [], "backbone"
+    for line in output.splitlines():
+        if head := _BACKBONE_HEAD.match(line.strip()):
+            preset, _, size, dtype = head.groups()
+            title = f"{preset} {dtype.removeprefix('autocast ')} {size}"
+        elif row := _BACKBONE_ROW.match(line):
+            rule, frames, fps, _, peak, ratio = row.groups()
+            result = f"{float(fps):.1f} frames/s, peak {peak} MiB (x{ratio} of the shortest)"
+            rows.append(Row("backbone", OK, f"{title} {rule}, {frames} frames", result))
+    return rows
+
+
+_TRAIN_LABELS = re.compile(r"steps/s|ms/step|frozen %|peak GiB|train M|samples/s|[^\s]+")
+_TRAIN_ROW = re.compile(r"^(.+?)\s+(cpu|cuda\S*)\s+(\d+)x(\d+)x(\d+)x(\d+)\s+(.*)$")
+
+
+def parse_train(output: str) -> list[Row]:
+    """Steps/s, samples/s and peak memory of each case of bench-train's table."""
+    labels: list[str] = []
+    rows = []
+    for line in output.splitlines():
+        if "steps/s" in line and "case" in line:
+            labels = _TRAIN_LABELS.findall(line.split("BxTxHxW", 1)[-1])
+            continue
+        match = _TRAIN_ROW.match(line)
+        if not match or not labels:
+            continue
+        case, _, batch, frames, height, width, rest = match.groups()
+        values = dict(zip(labels, rest.split(), strict=False))
+        if "steps/s" not in values:
+            continue
+        steps = float(values["steps/s"])
+        result = f"{steps:.2f} steps/s, {steps * int(batch):.1f} samples/s"
+        if "peak GiB" in values:
+            result += f", peak {values['peak GiB']} GiB"
+        item = f"{case.strip()} b{batch} t{frames} {height}x{width}"
+        rows.append(Row("train", OK, item, result))
+    return rows
+
+
+def parse_estimate(output: str) -> list[Row]:
+    match = re.search(r"estimated peak: (\d+) bytes", output)
+    if not match:
+        return []
+    estimate = f"{human_bytes(int(match[1]))} peak (compare: the train rows' measured peak)"
+    return [Row("memory", OK, "training step estimate (apps/doctor's method)", estimate)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps
+
+
+def bench_train_compares_teachers() -> bool:
+    """Whether this bench-train has `--compare-teachers` (issue 13 adds it)."""
+    from post3r_train.benchmark import main as bench_train
+
+    out = io.StringIO()
+    quiet = contextlib.redirect_stderr(io.StringIO())
+    with contextlib.redirect_stdout(out), quiet, contextlib.suppress(SystemExit):
+        bench_train(["--help"])
+    return "--compare-teachers" in out.getvalue()
+
+
+def gpu_steps(compare_teachers: bool) -> list[Step]:
+    kernel_cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
+    train = ["--config", "ytvis2021", "--device", "cuda", "--steps", "5", "--warmup", "2"]
+    return [
+        Step(
+            "kernels",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                kernel_cases,
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-n",
+                "4",
+            ],
+            60,
+            parse_pytest("kernels", "triton_kernel_cases.py on the GPU"),
+        ),
+        Step(
+            "rope2d",
+            app(
+                "bench-rope2d",
+                "--device",
+                "cuda",
+                "--shapes",
+                "32,768,16,64;32,1024,12,64",
+                "--dtypes",
+                "bf16,fp32",
+            ),
+            90,
+            parse_rope2d,
+        ),
+        Step(
+            "backbone",
+            app(
+                "bench-backbone",
+                "--device",
+                "cuda",
+                "--preset",
+                "ttt3r_512",
+                "--size",
+                "384x512",
+                "--dtype",
+                "bf16",
+                "--lengths",
+                "16",
+                "64",
+                "256",
+                "--rules",
+                "ttt3r",
+            ),
+            150,
+            parse_backbone,
+        ),
+        Step(
+            "train",
+            app(
+                "bench-train",
+                *train,
+                *(["--compare-teachers"] if compare_teachers else []),
+                *TRAIN_SETTING,
+            ),
+            120,
+            parse_train,
+        ),
+    ]
+
+
+def tiny_steps(compare_teachers: bool) -> list[Step]:
+    """The same steps on the CPU at tiny sizes (Triton under its interpreter)."""
+    kernel_cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
+    one_thread = ["--threads", "1"]
+    train = ["--config", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    return [
+        Step(
+            "kernels",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                kernel_cases,
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-k",
+                "float32 and bhnd",
+            ],
+            240,
+            parse_pytest("kernels", "triton_kernel_cases.py, interpreter, fp32 cases"),
+            env={"TRITON_INTERPRET": "1"},
+        ),
+        Step(
+            "rope2d",
+            app(
+                "bench-rope2d",
+                "--device",
+                "cpu",
+                "--shapes",
+                "2,64,2,16",
+                "--dtypes",
+                "fp32",
+                "--impls",
+                "torch",
+                "--reps",
+                "2",
+                "--warmup",
+                "1",
+                *one_thread,
+            ),
+            240,
+            parse_rope2d,
+        ),
+        Step(
+            "backbone",
+            app(
+                "bench-backbone",
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--size",
+                "32x32",
+                "--lengths",
+                "2",
+                "4",
+                "--rules",
+                "ttt3r",
+                "--warmup",
+                "1",
+                *one_thread,
+            ),
+            240,
+            parse_backbone,
+        ),
+        Step(
+            "train",
+            app(
+                "bench-train",
+                *train,
+                *one_thread,
+                *(["--compare-teachers"] if compare_teachers else []),
+                *TINY_TRAIN_SETTING,
+            ),
+            300,
+            parse_train,
+        ),
+    ]
+
+
+def estimate_step(tiny: bool) -> Step:
+    setting = ["smoke", *TINY_TRAIN_SETTING] if tiny else ["ytvis2021", *TRAIN_SETTING]
+    command = [sys.executable, "-m", "post3r_train.memory_estimate", *setting]
+    return Step("memory", command, 300 if tiny else 120, parse_estimate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def start(step: Step, scale: float) -> tuple[subprocess.Popen, float, float]:
+    env = {**os.environ, **step.env}
+    process = subprocess.Popen(
+        step.command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a time-out ends its children too
+    )
+    return process, time.monotonic(), step.timeout_s * scale
+
+
+def finish(step: Step, process: subprocess.Popen, started: float, limit: float) -> Outcome:
+    try:
+        output, _ = process.communicate(timeout=max(1.0, limit - (time.monotonic() - started)))
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        code = None
+    return Outcome(step, code, output, time.monotonic() - started)
+
+
+def rows_of(outcome: Outcome) -> list[Row]:
+    """The step's rows; a failed or timed-out step keeps its figures and gains a status row."""
+    step = outcome.step
+    rows = step.parse(outcome.output)
+    if outcome.returncode is None:
+        last = f"killed after {step.timeout_s:.0f} s (x scale)"
+        return [*rows, Row(step.name, TIMEOUT, "time limit", last)]
+    if outcome.returncode != 0:
+        tail = [line for line in outcome.output.strip().splitlines() if line.strip()][-1:]
+        message = f"exit {outcome.returncode}: {tail[0].strip()[:100] if tail else ''}"
+        return [*rows, Row(step.name, FAILED, "exit status", message)]
+    if not rows:
+        return [Row(step.name, FAILED, "output", "no figures found in its output")]
+    return rows
+
+
+def run_steps(steps: Sequence[Step], background: Step | None, scale: float) -> list[Outcome]:
+    """Run `steps` one after the other, `background` (CPU only) alongside them."""
+    pending = start(background, scale) if background else None
+    outcomes = []
+    for step in steps:
+        print(f"\n=== {step.name}: {' '.join(step.command[1:])}", flush=True)
+        outcome = finish(step, *start(step, scale))
+        print(outcome.output.rstrip(), flush=True)
+        outcomes.append(outcome)
+    if background and pending:
+        outcome = finish(background, *pending)
+        print(f"\n=== {background.name}: {' '.join(background.command[1:])}")
+        print(outcome.output.rstrip(), flush=True)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def format_table(title: str, outcomes: Sequence[Outcome], notes: Sequence[Row]) -> str:
+    """The summary: every step's rows in order, `notes` after the rows of their step."""
+    header = f"{'step':<9} {'status':<7} {'s':>5}  {'item':<48} result"
+    lines = [title, header, "-" * len(header)]
+
+    def add(row: Row, seconds: str) -> None:
+        lines.append(f"{row.step:<9} {row.status:<7} {seconds:>5}  {row.item:<48} {row.result}")
+
+    for outcome in outcomes:
+        for row in rows_of(outcome):
+            add(row, f"{outcome.seconds:.0f}")
+        for note in notes:
+            if note.step == outcome.step.name:
+                add(note, "")
+    return "\n".join(lines)
+
+
+def describe_machine(tiny: bool) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if tiny or not torch.cuda.is_available():
+        device = f"CPU ({os.cpu_count()} cores), tiny sizes"
+    else:
+        device = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"GPU check summary: {device}; torch {torch.__version__}; {when}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/gpu-check.sh",
+        description="Kernel tests, bench-rope2d, bench-backbone and bench-train on the GPU, "
+        "with one summary table; exit status 1 when a step failed.",
+    )
+    parser.add_argument(
+        "--cpu-tiny", action="store_true", help="the same steps on the CPU at tiny sizes (CI)"
+    )
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=1.0,
+        help="multiply every step's time limit (e.g. 2 for a slower GPU)",
+    )
+    args = parser.parse_args(argv)
+    if not args.cpu_tiny and not torch.cuda.is_available():
+        parser.error("no CUDA or ROCm device is visible to torch; --cpu-tiny runs the CPU form")
+    if args.timeout_scale <= 0:
+        parser.error("--timeout-scale must be > 0")
+    compare = bench_train_compares_teachers()
+    steps = tiny_steps(compare) if args.cpu_tiny else gpu_steps(compare)
+    notes = []
+    if not compare:
+        reason = "not run: this bench-train has no --compare-teachers yet (online only)"
+        notes.append(Row("train", SKIP, "cached teacher", reason))
+    outcomes = run_steps(steps, estimate_step(args.cpu_tiny), args.timeout_scale)
+    print()
+    print(format_table(describe_machine(args.cpu_tiny), outcomes, notes))
+    failed = any(row.status in (FAILED, TIMEOUT) for o in outcomes for row in rows_of(o))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
