@@ -38,6 +38,7 @@ ytvis2021 shapes       cuda    4x6x518x518          1.50    666.7     70.0      
 """
 
 
+@pytest.mark.slow
 def test_cpu_form_runs_every_step_and_prints_one_table_with_all_rows() -> None:
     env = {**os.environ, "UV_NO_SYNC": "1"}
     command = ["bash", str(gpu_check.ROOT / "scripts/gpu-check.sh"), "--cpu-tiny"]
