@@ -77,6 +77,24 @@ def test_backbone_rows_per_length_and_train_rows_with_samples_per_second() -> No
     assert train.result == "1.50 steps/s, 6.0 samples/s, peak 9.80 GiB"
 
 
+# bench-train --compare-teachers (issue 13): one row per teacher.
+COMPARE_OUTPUT = """\
+step time on cuda: the config's real sizes, random frozen weights (checkpoint files absent or CPU)
+teacher   steps/s  samples/s      peak GiB TFLOP/step at 4x6x518px
+------------------------------------------------------------------
+online      0.800       3.20         10.50                      49.7
+cached      3.100      12.40          4.25                      9.12
+"""
+
+
+def test_compare_teachers_rows() -> None:
+    online, cached = gpu_check.parse_train(COMPARE_OUTPUT)
+    assert (online.item, cached.item) == ("online teacher", "cached teacher")
+    assert cached.result == (
+        "3.10 steps/s, 12.4 samples/s, peak 4.25 GiB, 9.12 TFLOP/step at the config's sizes"
+    )
+
+
 def python_step(name: str, code: str, timeout_s: float = 60) -> Step:
     return Step(name, [sys.executable, "-c", code], timeout_s, gpu_check.parse_pytest(name, "case"))
 

@@ -143,11 +143,23 @@ _TRAIN_LABELS = re.compile(r"steps/s|ms/step|frozen %|peak GiB|train M|samples/s
 _TRAIN_ROW = re.compile(r"^(.+?)\s+(cpu|cuda\S*)\s+(\d+)x(\d+)x(\d+)x(\d+)\s+(.*)$")
 
 
+_TEACHER_ROW = re.compile(r"^(online|cached)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s*$")
+
+
 def parse_train(output: str) -> list[Row]:
-    """Steps/s, samples/s and peak memory of each case of bench-train's table."""
+    """Steps/s, samples/s and peak memory of each case of bench-train's table, or of each
+    teacher of its `--compare-teachers` table (teacher, steps/s, samples/s, peak, TFLOP/step)."""
     labels: list[str] = []
     rows = []
     for line in output.splitlines():
+        if teacher := _TEACHER_ROW.match(line):
+            name, steps, samples, peak, tflop = teacher.groups()
+            result = (
+                f"{float(steps):.2f} steps/s, {float(samples):.1f} samples/s, peak {peak} GiB, "
+                f"{tflop} TFLOP/step at the config's sizes"
+            )
+            rows.append(Row("train", OK, f"{name} teacher", result))
+            continue
         if "steps/s" in line and "case" in line:
             labels = _TRAIN_LABELS.findall(line.split("BxTxHxW", 1)[-1])
             continue
@@ -190,154 +202,60 @@ def bench_train_compares_teachers() -> bool:
     return "--compare-teachers" in out.getvalue()
 
 
+def kernel_tests(*options: str) -> list[str]:
+    cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
+    return [sys.executable, "-m", "pytest", cases, "-q", "-p", "no:cacheprovider", *options]
+
+
 def gpu_steps(compare_teachers: bool) -> list[Step]:
-    kernel_cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
-    train = ["--config", "ytvis2021", "--device", "cuda", "--steps", "5", "--warmup", "2"]
+    rope = "--device cuda --shapes 32,768,16,64;32,1024,12,64 --dtypes bf16,fp32"
+    backbone = (
+        "--device cuda --preset ttt3r_512 --size 384x512 --dtype bf16 --lengths 16 64 256 "
+        "--rules ttt3r"
+    )
+    train = "--config ytvis2021 --device cuda --steps 5 --warmup 2"
+    train += " --compare-teachers" if compare_teachers else ""
     return [
         Step(
             "kernels",
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                kernel_cases,
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-n",
-                "4",
-            ],
+            kernel_tests("-n", "4"),
             60,
             parse_pytest("kernels", "triton_kernel_cases.py on the GPU"),
         ),
-        Step(
-            "rope2d",
-            app(
-                "bench-rope2d",
-                "--device",
-                "cuda",
-                "--shapes",
-                "32,768,16,64;32,1024,12,64",
-                "--dtypes",
-                "bf16,fp32",
-            ),
-            90,
-            parse_rope2d,
-        ),
-        Step(
-            "backbone",
-            app(
-                "bench-backbone",
-                "--device",
-                "cuda",
-                "--preset",
-                "ttt3r_512",
-                "--size",
-                "384x512",
-                "--dtype",
-                "bf16",
-                "--lengths",
-                "16",
-                "64",
-                "256",
-                "--rules",
-                "ttt3r",
-            ),
-            150,
-            parse_backbone,
-        ),
-        Step(
-            "train",
-            app(
-                "bench-train",
-                *train,
-                *(["--compare-teachers"] if compare_teachers else []),
-                *TRAIN_SETTING,
-            ),
-            120,
-            parse_train,
-        ),
+        Step("rope2d", app("bench-rope2d", *rope.split()), 90, parse_rope2d),
+        Step("backbone", app("bench-backbone", *backbone.split()), 150, parse_backbone),
+        Step("train", app("bench-train", *train.split(), *TRAIN_SETTING), 120, parse_train),
     ]
 
 
 def tiny_steps(compare_teachers: bool) -> list[Step]:
-    """The same steps on the CPU at tiny sizes (Triton under its interpreter)."""
-    kernel_cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
-    one_thread = ["--threads", "1"]
-    train = ["--config", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    """The same steps on the CPU at tiny sizes (Triton under its interpreter), one thread each
+    (steadier on a busy machine)."""
+    rope = "--device cpu --shapes 2,64,2,16 --dtypes fp32 --impls torch --reps 2 --warmup 1"
+    backbone = "--device cpu --preset tiny --size 32x32 --lengths 2 4 --rules ttt3r --warmup 1"
+    steps = "--device cpu --steps 2 --warmup 1 --threads 1"
+    # --compare-teachers shrinks ytvis2021 to CPU sizes itself; without it, the smoke config
+    # with a tiny online teacher stands in.
+    if compare_teachers:
+        train = ["--config", "ytvis2021", *steps.split(), "--compare-teachers", *TRAIN_SETTING]
+    else:
+        train = ["--config", "smoke", *steps.split(), *TINY_TRAIN_SETTING]
     return [
         Step(
             "kernels",
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                kernel_cases,
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-k",
-                "float32 and bhnd",
-            ],
+            kernel_tests("-k", "float32"),
             240,
             parse_pytest("kernels", "triton_kernel_cases.py, interpreter, fp32 cases"),
             env={"TRITON_INTERPRET": "1"},
         ),
-        Step(
-            "rope2d",
-            app(
-                "bench-rope2d",
-                "--device",
-                "cpu",
-                "--shapes",
-                "2,64,2,16",
-                "--dtypes",
-                "fp32",
-                "--impls",
-                "torch",
-                "--reps",
-                "2",
-                "--warmup",
-                "1",
-                *one_thread,
-            ),
-            240,
-            parse_rope2d,
-        ),
+        Step("rope2d", app("bench-rope2d", *rope.split(), "--threads", "1"), 240, parse_rope2d),
         Step(
             "backbone",
-            app(
-                "bench-backbone",
-                "--device",
-                "cpu",
-                "--preset",
-                "tiny",
-                "--size",
-                "32x32",
-                "--lengths",
-                "2",
-                "4",
-                "--rules",
-                "ttt3r",
-                "--warmup",
-                "1",
-                *one_thread,
-            ),
+            app("bench-backbone", *backbone.split(), "--threads", "1"),
             240,
             parse_backbone,
         ),
-        Step(
-            "train",
-            app(
-                "bench-train",
-                *train,
-                *one_thread,
-                *(["--compare-teachers"] if compare_teachers else []),
-                *TINY_TRAIN_SETTING,
-            ),
-            300,
-            parse_train,
-        ),
+        Step("train", app("bench-train", *train), 300, parse_train),
     ]
 
 
