@@ -217,6 +217,13 @@ def test_data_ok_then_empty_dir_then_corrupt_first_shard(tmp_path: Path, shards:
     assert lines["data validation"].startswith("ok")
 
 
+def test_a_missing_data_directory_is_one_problem(tmp_path: Path) -> None:
+    cfg = load_config("smoke", [f"dataset.root={tmp_path / 'absent'}", *SMALL_DATA])
+    (check,) = doctor.check_data(cfg)
+    assert check.status == "PROBLEM" and check.name == "data"
+    assert "does not exist" in check.detail and "apps/synth --output" in check.fix
+
+
 def test_videos_shorter_than_a_clip_are_a_problem(shards: Path) -> None:
     cfg = load_config(
         "smoke", [f"dataset.root={shards}", "dataset.image_size=16", "dataset.chunk_size=4"]

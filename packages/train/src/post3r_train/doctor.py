@@ -281,7 +281,8 @@ def check_encoder_weights(cfg: DictConfig) -> Check:
             timm_kwargs=dict(encoder.timm_kwargs),
         )
     except MissingWeightsError as error:
-        return problem("encoder weights", "missing", str(error))
+        where = f"{encoder.weights}: not found" if encoder.weights else "no weights file set"
+        return problem("encoder weights", where, str(error))
     except (ValueError, RuntimeError, OSError) as error:
         return problem(
             "encoder weights",
@@ -307,6 +308,13 @@ def check_data(cfg: DictConfig) -> Iterator[Check]:
     except FileNotFoundError as error:
         yield problem("data", "no data directory", str(error))
         return
+    if not root.is_dir():  # one line for both splits
+        try:
+            find_shards(root, d.name, "train")
+        except FileNotFoundError as error:
+            detail, _, fix = str(error).partition("; ")
+            yield problem("data", detail, fix)
+            return
     for split in ("train", "validation"):
         name = f"data {split}"
         try:

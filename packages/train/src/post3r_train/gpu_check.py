@@ -166,14 +166,15 @@ def parse_train(output: str) -> list[Row]:
         match = _TRAIN_ROW.match(line)
         if not match or not labels:
             continue
-        case, _, batch, frames, height, width, rest = match.groups()
+        case, device, batch, frames, height, width, rest = match.groups()
         values = dict(zip(labels, rest.split(), strict=False))
         if "steps/s" not in values:
             continue
         steps = float(values["steps/s"])
         result = f"{steps:.2f} steps/s, {steps * int(batch):.1f} samples/s"
         if "peak GiB" in values:
-            result += f", peak {values['peak GiB']} GiB"
+            rss = " (the process's RSS)" if device == "cpu" else ""
+            result += f", peak {values['peak GiB']} GiB{rss}"
         item = f"{case.strip()} b{batch} t{frames} {height}x{width}"
         rows.append(Row("train", OK, item, result))
     return rows
