@@ -81,6 +81,7 @@ def test_an_unknown_rope2d_choice_in_the_environment_is_a_problem(monkeypatch) -
         ({}, False, "triton", 0, "ok", "fine without a GPU"),
         ({}, True, "pytorch-triton-rocm", 2, "PROBLEM", "pytorch-triton-rocm"),
         ({"pytorch-triton": "3.5.0"}, False, "triton", 1, "PROBLEM", "built against triton"),
+        ({"pytorch-triton-rocm": "3.5.0"}, False, "triton", 1, "PROBLEM", "a ROCm build"),
     ],
 )
 def test_triton_against_the_torch_build(tritons, hip, wanted, gpus, status, words) -> None:

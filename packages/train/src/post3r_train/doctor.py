@@ -117,10 +117,10 @@ def check_triton(tritons: dict[str, str], hip: bool, wanted: str | None, gpu_cou
         )
     if hip and cuda:
         return problem("triton", f"{found} (a CUDA build) next to a ROCm (HIP) torch", uninstall)
-    if not hip and rocm and torch.version.cuda:
+    if not hip and rocm:
         return problem(
             "triton",
-            f"{found} (a ROCm build) next to a CUDA torch",
+            f"{found} (a ROCm build) next to a torch without ROCm ({torch_build()})",
             "uv pip uninstall pytorch-triton-rocm, then `uv sync` (restores PyPI's triton)",
         )
     if wanted and wanted not in tritons:
@@ -214,7 +214,8 @@ def check_rope2d_kernels(impl: str = "triton") -> Iterator[Check]:
             name = f"rope2d cuda:{index}"
             label = str(dtype).removeprefix("torch.")
             try:
-                difference = compare_rope2d(impl, device, dtype)
+                with torch.cuda.device(index):  # Triton launches on the current device
+                    difference = compare_rope2d(impl, device, dtype)
             except Exception as error:  # a compile or launch failure is the finding itself
                 yield problem(name, f"{label}: {type(error).__name__}: {error}", fix)
                 continue
