@@ -15,7 +15,7 @@ from train_model_runs import TINY_TTT3R, TINY_VIT, call
 from post3r_backbone import TTT3R, TTT3RConfig, save_safetensors
 from post3r_data import generate_synthetic_dataset
 from post3r_kernels import register_rope2d_impl, rope2d_torch
-from post3r_train import doctor
+from post3r_train import doctor, teacher_cache
 from post3r_train.config import load_config
 from post3r_train.encoders import DinoV2Encoder
 from post3r_train.memory_estimate import LiveTensorMemory, estimate_training_memory
@@ -239,8 +239,41 @@ def test_the_embedded_synthetic_default_is_not_required_to_exist_yet() -> None:
 
 
 def test_teacher_cache_is_skipped_without_a_cached_teacher() -> None:
-    check = doctor.check_teacher_cache(load_config("smoke"))
+    check = doctor.check_teacher_cache(load_config("smoke"), "smoke", [])
     assert check.status == "skip" and "model.teacher.name=dataset" in check.detail
+
+
+# The cached teacher of the tiny TTT3R with random weights, at the frames' own 32 px.
+CACHED = [
+    "model.teacher.name=cached",
+    "model.teacher.preset=tiny",
+    "model.teacher.random_weights=true",
+    "model.teacher.image_size=32",
+    "model.teacher.cache_resolution=32",
+]
+
+
+def test_teacher_cache_missing_then_complete_then_stale(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    generate_synthetic_dataset(
+        root, 2, size=32, frames=3, num_val_videos=1, videos_per_shard=1, progress=False
+    )
+    argv = ["smoke", "--data-dir", str(root), *CACHED]
+    code, out, _ = call(doctor.main, argv)
+    line = lines_of(out)["teacher cache"]
+    assert code == 1 and line.startswith("PROBLEM") and "no teacher cache at" in line
+    assert f"uv run apps/cache-teacher smoke --data-dir {root}" in line  # the command to run
+    assert lines_of(out)["teacher weights"].startswith("skip")
+
+    code, _, err = call(teacher_cache.main, ["smoke", "--data-dir", str(root), "-q", *CACHED])
+    assert code == 0, err
+    code, out, _ = call(doctor.main, argv)
+    assert code == 0, out
+    assert "complete" in lines_of(out)["teacher cache"]
+
+    code, out, _ = call(doctor.main, [*argv, "model.teacher.update_rule=cut3r"])
+    line = lines_of(out)["teacher cache"]
+    assert code == 1 and line.startswith("PROBLEM") and "update_rule" in line
 
 
 def test_memory_tracker_counts_live_storages_exactly() -> None:

@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +232,13 @@ def check_rope2d_kernels(impl: str = "triton") -> Iterator[Check]:
 def check_teacher_checkpoint(cfg: DictConfig) -> Check:
     """The TTT3R checkpoint exists and loads strictly into the architecture it describes."""
     teacher = cfg.model.teacher
+    if teacher.name == "cached":
+        return Check(
+            "teacher weights",
+            SKIP,
+            "model.teacher.name=cached: training reads the cache (apps/cache-teacher, which "
+            "made it, needed the checkpoint)",
+        )
     if teacher.name != "ttt3r":
         return Check("teacher weights", SKIP, f"model.teacher.name={teacher.name}: no checkpoint")
     if teacher.checkpoint is None:
@@ -361,15 +368,34 @@ def check_data(cfg: DictConfig) -> Iterator[Check]:
         yield Check(name, OK, detail)
 
 
-def check_teacher_cache(cfg: DictConfig) -> Check:
-    """Completeness of the cached teacher (`model.teacher.name=cached`).
+def check_teacher_cache(cfg: DictConfig, config: str | None, overrides: Sequence[str]) -> Check:
+    """For `model.teacher.name=cached`: the cache is complete and made by the run's teacher from
+    the run's data (the check training runs before its first step), else the command that
+    builds or resumes it."""
+    teacher = cfg.model.teacher
+    if teacher.name != "cached":
+        return Check("teacher cache", SKIP, f"model.teacher.name={teacher.name}: no cache used")
+    from post3r_train.data import data_root
+    from post3r_train.teacher_cache import (
+        TeacherCacheError,
+        build_command,
+        cache_dir,
+        check_teacher_cache,
+    )
 
-    This build of post3r_train has no cached teacher yet (it is being added under issue 13):
-    when it lands, this function calls its validation (the one training runs before its first
-    step) and turns its error into a problem line; nothing else in the doctor changes.
-    """
-    name = cfg.model.teacher.name
-    return Check("teacher cache", SKIP, f"model.teacher.name={name}: no cache used")
+    try:
+        root = data_root(cfg)
+    except FileNotFoundError as error:
+        return problem("teacher cache", "no data directory to match it to", str(error))
+    command = build_command(config, overrides, root, cache_dir(cfg, root))
+    try:
+        directory = check_teacher_cache(cfg, root, command)
+    except TeacherCacheError as error:
+        detail, _, fix = str(error).rpartition("; ")
+        return problem("teacher cache", detail or fix, fix)
+    except FileNotFoundError as error:  # no data shards: the data check names the fix
+        return problem("teacher cache", "no data shards to match it to", str(error))
+    return Check("teacher cache", OK, f"{directory}: complete, made by this run's teacher")
 
 
 def gpu_memory() -> list[int]:
@@ -425,16 +451,11 @@ def config_checks(config: str | None, overrides: list[str]) -> Iterator[Check]:
         yield problem("config", str(error), "fix the config file or the override")
         return
     yield Check("config", OK, f"{config or 'default'} loads ({len(overrides)} overrides)")
-    steps: list[Callable[[DictConfig], Check | Iterator[Check]]] = [
-        check_teacher_checkpoint,
-        check_encoder_weights,
-        check_data,
-        check_teacher_cache,
-        lambda cfg: check_memory(cfg, gpu_memory()),
-    ]
-    for step in steps:
-        result = step(cfg)
-        yield from [result] if isinstance(result, Check) else result
+    yield check_teacher_checkpoint(cfg)
+    yield check_encoder_weights(cfg)
+    yield from check_data(cfg)
+    yield check_teacher_cache(cfg, config, overrides)
+    yield check_memory(cfg, gpu_memory())
 
 
 def build_parser() -> argparse.ArgumentParser:
