@@ -93,6 +93,8 @@ def test_compare_teachers_rows() -> None:
     assert cached.result == (
         "3.10 steps/s, 12.4 samples/s, peak 4.25 GiB, 9.12 TFLOP/step at the config's sizes"
     )
+    on_cpu = COMPARE_OUTPUT.replace("    peak GiB", "peak RSS GiB")
+    assert "4.25 GiB (the process's RSS)" in gpu_check.parse_train(on_cpu)[1].result
 
 
 def python_step(name: str, code: str, timeout_s: float = 60) -> Step:
@@ -105,7 +107,7 @@ def test_failed_and_timed_out_steps_are_rows_and_the_others_still_run() -> None:
         python_step("hangs", "import time; print('1 passed', flush=True); time.sleep(60)", 1),
         python_step("passes", "print('2 passed in 0.1s')"),
     ]
-    outcomes = gpu_check.run_steps(steps, None, scale=1.0)
+    outcomes = gpu_check.run_steps(steps, [], scale=1.0)
     statuses = [[row.status for row in gpu_check.rows_of(o)] for o in outcomes]
     assert statuses == [[FAILED, FAILED], [OK, TIMEOUT], [OK]]
     assert outcomes[1].seconds < 30  # killed at its limit, not after the sleep
@@ -116,7 +118,7 @@ def test_failed_and_timed_out_steps_are_rows_and_the_others_still_run() -> None:
 def test_main_exits_1_when_a_step_fails(monkeypatch, capsys) -> None:
     failing = python_step("kernels", "raise SystemExit(3)")
     monkeypatch.setattr(gpu_check, "tiny_steps", lambda compare: [failing])
-    monkeypatch.setattr(gpu_check, "estimate_step", lambda tiny: python_step("memory", "pass"))
+    monkeypatch.setattr(gpu_check, "estimate_steps", lambda tiny: [python_step("memory", "pass")])
     assert gpu_check.main(["--cpu-tiny"]) == 1
     out = capsys.readouterr().out
     assert "GPU check summary" in out and "exit 3" in out

@@ -151,12 +151,13 @@ def parse_train(output: str) -> list[Row]:
     teacher of its `--compare-teachers` table (teacher, steps/s, samples/s, peak, TFLOP/step)."""
     labels: list[str] = []
     rows = []
+    rss = " (the process's RSS)" if "peak RSS" in output else ""
     for line in output.splitlines():
         if teacher := _TEACHER_ROW.match(line):
             name, steps, samples, peak, tflop = teacher.groups()
             result = (
-                f"{float(steps):.2f} steps/s, {float(samples):.1f} samples/s, peak {peak} GiB, "
-                f"{tflop} TFLOP/step at the config's sizes"
+                f"{float(steps):.2f} steps/s, {float(samples):.1f} samples/s, peak {peak} GiB"
+                f"{rss}, {tflop} TFLOP/step at the config's sizes"
             )
             rows.append(Row("train", OK, f"{name} teacher", result))
             continue
@@ -180,12 +181,15 @@ def parse_train(output: str) -> list[Row]:
     return rows
 
 
-def parse_estimate(output: str) -> list[Row]:
-    match = re.search(r"estimated peak: (\d+) bytes", output)
-    if not match:
-        return []
-    estimate = f"{human_bytes(int(match[1]))} peak (compare: the train rows' measured peak)"
-    return [Row("memory", OK, "training step estimate (apps/doctor's method)", estimate)]
+def parse_estimate(label: str) -> Callable[[str], list[Row]]:
+    def parse(output: str) -> list[Row]:
+        match = re.search(r"estimated peak: (\d+) bytes", output)
+        if not match:
+            return []
+        estimate = f"{human_bytes(int(match[1]))} peak (compare: the train rows' measured peak)"
+        return [Row("memory", OK, f"training step estimate, {label}", estimate)]
+
+    return parse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,10 +264,21 @@ def tiny_steps(compare_teachers: bool) -> list[Step]:
     ]
 
 
-def estimate_step(tiny: bool) -> Step:
-    setting = ["smoke", *TINY_TRAIN_SETTING] if tiny else ["ytvis2021", *TRAIN_SETTING]
-    command = [sys.executable, "-m", "post3r_train.memory_estimate", *setting]
-    return Step("memory", command, 300 if tiny else 120, parse_estimate)
+def estimate_steps(tiny: bool) -> list[Step]:
+    """apps/doctor's memory estimate of the train step (both teachers on a GPU), on the CPU."""
+
+    def estimate(label: str, setting: list[str], timeout_s: float) -> Step:
+        command = [sys.executable, "-m", "post3r_train.memory_estimate", *setting]
+        return Step("memory", command, timeout_s, parse_estimate(label))
+
+    if tiny:
+        return [estimate("smoke, tiny online teacher", ["smoke", *TINY_TRAIN_SETTING], 300)]
+    return [
+        estimate(
+            f"{teacher} teacher", ["ytvis2021", *TRAIN_SETTING, f"model.teacher.name={name}"], 120
+        )
+        for teacher, name in (("online", "ttt3r"), ("cached", "cached"))
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,18 +327,18 @@ def rows_of(outcome: Outcome) -> list[Row]:
     return rows
 
 
-def run_steps(steps: Sequence[Step], background: Step | None, scale: float) -> list[Outcome]:
-    """Run `steps` one after the other, `background` (CPU only) alongside them."""
-    pending = start(background, scale) if background else None
+def run_steps(steps: Sequence[Step], background: Sequence[Step], scale: float) -> list[Outcome]:
+    """Run `steps` one after the other, the `background` steps (CPU only) alongside them."""
+    pending = [(step, start(step, scale)) for step in background]
     outcomes = []
     for step in steps:
         print(f"\n=== {step.name}: {' '.join(step.command[1:])}", flush=True)
         outcome = finish(step, *start(step, scale))
         print(outcome.output.rstrip(), flush=True)
         outcomes.append(outcome)
-    if background and pending:
-        outcome = finish(background, *pending)
-        print(f"\n=== {background.name}: {' '.join(background.command[1:])}")
+    for step, started in pending:
+        outcome = finish(step, *started)
+        print(f"\n=== {step.name}: {' '.join(step.command[1:])}")
         print(outcome.output.rstrip(), flush=True)
         outcomes.append(outcome)
     return outcomes
@@ -381,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not compare:
         reason = "not run: this bench-train has no --compare-teachers yet (online only)"
         notes.append(Row("train", SKIP, "cached teacher", reason))
-    outcomes = run_steps(steps, estimate_step(args.cpu_tiny), args.timeout_scale)
+    outcomes = run_steps(steps, estimate_steps(args.cpu_tiny), args.timeout_scale)
     print()
     print(format_table(describe_machine(args.cpu_tiny), outcomes, notes))
     failed = any(row.status in (FAILED, TIMEOUT) for o in outcomes for row in rows_of(o))
