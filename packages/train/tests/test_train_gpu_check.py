@@ -111,13 +111,13 @@ def test_failed_and_timed_out_steps_are_rows_and_the_others_still_run() -> None:
     statuses = [[row.status for row in gpu_check.rows_of(o)] for o in outcomes]
     assert statuses == [[FAILED, FAILED], [OK, TIMEOUT], [OK]]
     assert outcomes[1].seconds < 30  # killed at its limit, not after the sleep
-    table = gpu_check.format_table("title", outcomes, [])
+    table = gpu_check.format_table("title", outcomes)
     assert "exit 1: 3 passed, 1 failed" in table and "TIMEOUT" in table
 
 
 def test_main_exits_1_when_a_step_fails(monkeypatch, capsys) -> None:
     failing = python_step("kernels", "raise SystemExit(3)")
-    monkeypatch.setattr(gpu_check, "tiny_steps", lambda compare: [failing])
+    monkeypatch.setattr(gpu_check, "tiny_steps", lambda: [failing])
     monkeypatch.setattr(gpu_check, "estimate_steps", lambda tiny: [python_step("memory", "pass")])
     assert gpu_check.main(["--cpu-tiny"]) == 1
     out = capsys.readouterr().out

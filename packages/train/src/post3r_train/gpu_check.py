@@ -1,20 +1,19 @@
 """`bash scripts/gpu-check.sh [--cpu-tiny]`: the GPU path tested and measured in one run, one table.
 
-Steps, in order, each a subprocess with its own time limit (budget on an H200, under 8 minutes
-in all): the Triton kernel tests on the device (1 min), `bench-rope2d` (1.5 min),
+Steps, in order, each a subprocess with its own time limit (7 minutes in all, for an 8-minute
+budget on an H200): the Triton kernel tests on the device (1 min), `bench-rope2d` (1.5 min),
 `bench-backbone` with ttt3r_512 at 512x384 bf16 over 16/64/256 frames (2.5 min), `bench-train`
 with ytvis2021 at batch 4, 11 slots, clips of 6, online and cached teacher (2 min). Alongside,
-on the CPU, the memory estimate `apps/doctor` makes for that training step, so the table shows
-it next to the measured peak. `--cpu-tiny` runs the same steps on the CPU at tiny sizes (CI
-does, to keep the script working where there is no GPU). The exit status is 1 when a step
-failed or ran out of time.
+on the CPU, the memory estimate `apps/doctor` makes for that training step with each teacher,
+so the table shows it next to the measured peaks. `--cpu-tiny` runs the same steps on the CPU
+at tiny sizes (CI does, to keep the script working where there is no GPU). The exit status is
+1 when a step failed or ran out of time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import re
 import signal
@@ -28,18 +27,12 @@ from pathlib import Path
 
 import torch
 
+from post3r_train.benchmark_teachers import CPU_TINY
 from post3r_train.memory_estimate import human_bytes
 
 ROOT = Path(__file__).resolve().parents[4]
-OK, SKIP, FAILED, TIMEOUT = "ok", "skip", "FAILED", "TIMEOUT"
+OK, FAILED, TIMEOUT = "ok", "FAILED", "TIMEOUT"
 TRAIN_SETTING = ["dataset.batch_size=4", "model.num_slots=11", "dataset.chunk_size=6"]
-# The same step at CPU scale: the smoke config with the tiny TTT3R as the online teacher.
-TINY_TRAIN_SETTING = [
-    "dataset.batch_size=2",
-    "model.teacher.name=ttt3r",
-    "model.teacher.preset=tiny",
-    "model.teacher.image_size=32",
-]
 
 
 @dataclass
@@ -181,13 +174,13 @@ def parse_train(output: str) -> list[Row]:
     return rows
 
 
-def parse_estimate(label: str) -> Callable[[str], list[Row]]:
+def parse_estimate(teacher: str) -> Callable[[str], list[Row]]:
     def parse(output: str) -> list[Row]:
         match = re.search(r"estimated peak: (\d+) bytes", output)
         if not match:
             return []
         estimate = f"{human_bytes(int(match[1]))} peak (compare: the train rows' measured peak)"
-        return [Row("memory", OK, f"training step estimate, {label}", estimate)]
+        return [Row("memory", OK, f"{teacher} teacher: estimate (apps/doctor)", estimate)]
 
     return parse
 
@@ -196,30 +189,18 @@ def parse_estimate(label: str) -> Callable[[str], list[Row]]:
 # The steps
 
 
-def bench_train_compares_teachers() -> bool:
-    """Whether this bench-train has `--compare-teachers` (issue 13 adds it)."""
-    from post3r_train.benchmark import main as bench_train
-
-    out = io.StringIO()
-    quiet = contextlib.redirect_stderr(io.StringIO())
-    with contextlib.redirect_stdout(out), quiet, contextlib.suppress(SystemExit):
-        bench_train(["--help"])
-    return "--compare-teachers" in out.getvalue()
-
-
 def kernel_tests(*options: str) -> list[str]:
     cases = str(ROOT / "packages/kernels/tests/triton_kernel_cases.py")
     return [sys.executable, "-m", "pytest", cases, "-q", "-p", "no:cacheprovider", *options]
 
 
-def gpu_steps(compare_teachers: bool) -> list[Step]:
+def gpu_steps() -> list[Step]:
     rope = "--device cuda --shapes 32,768,16,64;32,1024,12,64 --dtypes bf16,fp32"
     backbone = (
         "--device cuda --preset ttt3r_512 --size 384x512 --dtype bf16 --lengths 16 64 256 "
         "--rules ttt3r"
     )
-    train = "--config ytvis2021 --device cuda --steps 5 --warmup 2"
-    train += " --compare-teachers" if compare_teachers else ""
+    train = "--config ytvis2021 --device cuda --steps 5 --warmup 2 --compare-teachers"
     return [
         Step(
             "kernels",
@@ -233,18 +214,12 @@ def gpu_steps(compare_teachers: bool) -> list[Step]:
     ]
 
 
-def tiny_steps(compare_teachers: bool) -> list[Step]:
+def tiny_steps() -> list[Step]:
     """The same steps on the CPU at tiny sizes (Triton under its interpreter), one thread each
-    (steadier on a busy machine)."""
+    (steadier on a busy machine); bench-train's --compare-teachers shrinks ytvis2021 itself."""
     rope = "--device cpu --shapes 2,64,2,16 --dtypes fp32 --impls torch --reps 2 --warmup 1"
     backbone = "--device cpu --preset tiny --size 32x32 --lengths 2 4 --rules ttt3r --warmup 1"
-    steps = "--device cpu --steps 2 --warmup 1 --threads 1"
-    # --compare-teachers shrinks ytvis2021 to CPU sizes itself; without it, the smoke config
-    # with a tiny online teacher stands in.
-    if compare_teachers:
-        train = ["--config", "ytvis2021", *steps.split(), "--compare-teachers", *TRAIN_SETTING]
-    else:
-        train = ["--config", "smoke", *steps.split(), *TINY_TRAIN_SETTING]
+    train = "--config ytvis2021 --device cpu --steps 2 --warmup 1 --threads 1 --compare-teachers"
     return [
         Step(
             "kernels",
@@ -260,25 +235,20 @@ def tiny_steps(compare_teachers: bool) -> list[Step]:
             240,
             parse_backbone,
         ),
-        Step("train", app("bench-train", *train), 300, parse_train),
+        Step("train", app("bench-train", *train.split(), *TRAIN_SETTING), 300, parse_train),
     ]
 
 
 def estimate_steps(tiny: bool) -> list[Step]:
-    """apps/doctor's memory estimate of the train step (both teachers on a GPU), on the CPU."""
-
-    def estimate(label: str, setting: list[str], timeout_s: float) -> Step:
+    """apps/doctor's memory estimate of the train step, for both teachers, computed on the CPU
+    (at bench-train's CPU sizes in the tiny form)."""
+    sizes = list(CPU_TINY) if tiny else []
+    steps = []
+    for label, name in (("online", "ttt3r"), ("cached", "cached")):
+        setting = ["ytvis2021", *TRAIN_SETTING, *sizes, f"model.teacher.name={name}"]
         command = [sys.executable, "-m", "post3r_train.memory_estimate", *setting]
-        return Step("memory", command, timeout_s, parse_estimate(label))
-
-    if tiny:
-        return [estimate("smoke, tiny online teacher", ["smoke", *TINY_TRAIN_SETTING], 300)]
-    return [
-        estimate(
-            f"{teacher} teacher", ["ytvis2021", *TRAIN_SETTING, f"model.teacher.name={name}"], 120
-        )
-        for teacher, name in (("online", "ttt3r"), ("cached", "cached"))
-    ]
+        steps.append(Step("memory", command, 300 if tiny else 120, parse_estimate(label)))
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,20 +314,16 @@ def run_steps(steps: Sequence[Step], background: Sequence[Step], scale: float) -
     return outcomes
 
 
-def format_table(title: str, outcomes: Sequence[Outcome], notes: Sequence[Row]) -> str:
-    """The summary: every step's rows in order, `notes` after the rows of their step."""
+def format_table(title: str, outcomes: Sequence[Outcome]) -> str:
+    """The summary: every step's rows, in the order the steps ran."""
     header = f"{'step':<9} {'status':<7} {'s':>5}  {'item':<48} result"
     lines = [title, header, "-" * len(header)]
-
-    def add(row: Row, seconds: str) -> None:
-        lines.append(f"{row.step:<9} {row.status:<7} {seconds:>5}  {row.item:<48} {row.result}")
-
     for outcome in outcomes:
         for row in rows_of(outcome):
-            add(row, f"{outcome.seconds:.0f}")
-        for note in notes:
-            if note.step == outcome.step.name:
-                add(note, "")
+            lines.append(
+                f"{row.step:<9} {row.status:<7} {outcome.seconds:>5.0f}  {row.item:<48} "
+                f"{row.result}"
+            )
     return "\n".join(lines)
 
 
@@ -390,15 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no CUDA or ROCm device is visible to torch; --cpu-tiny runs the CPU form")
     if args.timeout_scale <= 0:
         parser.error("--timeout-scale must be > 0")
-    compare = bench_train_compares_teachers()
-    steps = tiny_steps(compare) if args.cpu_tiny else gpu_steps(compare)
-    notes = []
-    if not compare:
-        reason = "not run: this bench-train has no --compare-teachers yet (online only)"
-        notes.append(Row("train", SKIP, "cached teacher", reason))
+    steps = tiny_steps() if args.cpu_tiny else gpu_steps()
     outcomes = run_steps(steps, estimate_steps(args.cpu_tiny), args.timeout_scale)
     print()
-    print(format_table(describe_machine(args.cpu_tiny), outcomes, notes))
+    print(format_table(describe_machine(args.cpu_tiny), outcomes))
     failed = any(row.status in (FAILED, TIMEOUT) for o in outcomes for row in rows_of(o))
     return 1 if failed else 0
 
