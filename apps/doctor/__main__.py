@@ -5,4 +5,6 @@ Run from the repository root: `uv run apps/doctor [CONFIG] [--data-dir D] [key=v
 
 from post3r_train.doctor import main
 
-raise SystemExit(main())
+# Guarded: worker processes (spawn, DDP) import this file without running the command again.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,9 +29,9 @@ TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton-rocm", "pytorch-triton", "trit
 ROCM_TRITONS = ("pytorch-triton-rocm", "triton-rocm")
 # Triton against the reference on a model-sized input; bf16 is rounded once, hence looser.
 KERNEL_SHAPE = (2, 12, 769, 64)  # (B, H, N, D): the decoder's heads, 512x384 tokens + pose
-KERNEL_TOLERANCES = {
-    torch.float32: {"rtol": 1e-5, "atol": 3e-5},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2},
+KERNEL_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # (rtol, atol)
+    torch.float32: (1e-5, 3e-5),
+    torch.bfloat16: (1.6e-2, 2e-2),
 }
 
 
@@ -93,7 +93,8 @@ def torch_triton_requirement() -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     for requirement in requirements:
-        name = re.match(r"[A-Za-z0-9_.-]*", requirement).group().lower().replace("_", "-")
+        match = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        name = match.group().lower().replace("_", "-") if match else ""
         if name in TRITON_DISTRIBUTIONS:
             return name
     return None
@@ -191,7 +192,8 @@ def compare_rope2d(impl: str, device: torch.device, dtype: torch.dtype) -> str |
     for what, index in (("forward", 0), ("backward", 1)):
         got, expected = results[impl][index], results["torch"][index]
         try:
-            torch.testing.assert_close(got, expected, **KERNEL_TOLERANCES[dtype])
+            rtol, atol = KERNEL_TOLERANCES[dtype]
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
         except AssertionError as error:
             return f"{what} differs: {str(error).splitlines()[0]}"
     return None
@@ -250,14 +252,14 @@ def check_teacher_checkpoint(cfg: DictConfig) -> Check:
             "set model.teacher.checkpoint=checkpoints/cut3r_512_dpt_4_64.pth "
             "(packages/backbone/README.md says where to get it)",
         )
-    from post3r_backbone import CheckpointError, CheckpointNotFoundError, load_checkpoint
+    from post3r_backbone import TTT3RCheckpointError, TTT3RCheckpointNotFoundError, load_checkpoint
 
     try:
         model = load_checkpoint(teacher.checkpoint)
-    except CheckpointNotFoundError as error:
+    except TTT3RCheckpointNotFoundError as error:
         first, *rest = str(error).splitlines()
         return problem("teacher weights", first, " ".join(rest) or "download the checkpoint")
-    except (CheckpointError, OSError, ValueError) as error:
+    except (TTT3RCheckpointError, OSError, ValueError) as error:
         return problem(
             "teacher weights",
             f"{teacher.checkpoint} does not load: {error}",
@@ -303,7 +305,8 @@ def check_encoder_weights(cfg: DictConfig) -> Check:
 def check_data(cfg: DictConfig) -> Iterator[Check]:
     """Train and validation shards exist and the first sample of each split decodes."""
     from post3r_data import find_shards, make_val_loader
-    from post3r_train.data import data_root, frame_size
+    from post3r_train.config import frame_size
+    from post3r_train.data import data_root
 
     d = cfg.dataset
     if d.name == "synthetic" and d.root is None:

@@ -111,19 +111,20 @@ def human_bytes(nbytes: float) -> str:
 
 def _fake_parameters(model: torch.nn.Module) -> None:
     """Swap the meta parameters and buffers of `model` for fake CPU tensors (ties kept)."""
-    replaced: dict[int, torch.Tensor] = {}
+    parameters: dict[int, torch.nn.Parameter] = {}
+    buffers: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
-                if id(param) not in replaced:
+                if id(param) not in parameters:
                     empty = torch.empty_like(param, device="cpu")
-                    replaced[id(param)] = torch.nn.Parameter(empty, param.requires_grad)
-                module._parameters[name] = replaced[id(param)]
+                    parameters[id(param)] = torch.nn.Parameter(empty, param.requires_grad)
+                module._parameters[name] = parameters[id(param)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
-                if id(buffer) not in replaced:
-                    replaced[id(buffer)] = torch.zeros_like(buffer, device="cpu")
-                module._buffers[name] = replaced[id(buffer)]
+                if id(buffer) not in buffers:
+                    buffers[id(buffer)] = torch.zeros_like(buffer, device="cpu")
+                module._buffers[name] = buffers[id(buffer)]
 
 
 def _with_random_frozen_weights(cfg: DictConfig) -> DictConfig:
@@ -142,7 +143,7 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def estimate_training_memory(cfg: DictConfig) -> MemoryEstimate:
     """Peak memory of one training step of `cfg` (forward, backward, AdamW), per GPU."""
-    from post3r_train.benchmark import synthetic_batch
+    from post3r_train.bench_train import synthetic_batch
     from post3r_train.engine.validation import autocast
     from post3r_train.model import POST3RModel
 
@@ -153,14 +154,15 @@ def estimate_training_memory(cfg: DictConfig) -> MemoryEstimate:
     with FakeTensorMode(allow_non_fake_inputs=True):
         _fake_parameters(model)
         batch = synthetic_batch(cfg, torch.device("cpu"))
+        inputs = [value for value in batch.values() if isinstance(value, torch.Tensor)]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
         memory = LiveTensorMemory()
-        memory.add_existing([*model.parameters(), *model.buffers(), *batch.values()])
+        memory.add_existing([*model.parameters(), *model.buffers(), *inputs])
         with memory, contextlib.ExitStack() as stack:
             optimizer.zero_grad(set_to_none=True)
             stack.enter_context(autocast(torch.device("cpu"), precision))
-            loss, _ = model.training_step(dict(batch))
+            loss, _ = model.training_step(batch.copy())
             stack.close()  # leave autocast before backward, as the trainer does
             loss.backward()
             optimizer.step()
@@ -168,7 +170,7 @@ def estimate_training_memory(cfg: DictConfig) -> MemoryEstimate:
             peak_bytes=memory.peak_bytes,
             weight_bytes=_nbytes([*model.parameters(), *model.buffers()]),
             trainable_bytes=_nbytes(params),
-            batch_bytes=_nbytes(batch.values()),
+            batch_bytes=_nbytes(inputs),
             precision=precision,
         )
 
