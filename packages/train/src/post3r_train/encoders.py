@@ -117,7 +117,7 @@ class DinoV2Encoder(nn.Module):
             if not Path(weights).is_file():
                 raise MissingWeightsError(
                     f"model.encoder.weights={weights}: no such file (a .safetensors or "
-                    ".pth/.bin state dict of {timm_model})"
+                    f".pth/.bin state dict of {timm_model})"
                 )
         self.vit = timm.create_model(timm_model, pretrained=False, num_classes=0, **kwargs)
         if pretrained:
