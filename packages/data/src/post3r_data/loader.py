@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -395,7 +396,14 @@ def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) ->
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
     )
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl+C reaches the whole process group; the main process decides how to stop (the
+    trainer checkpoints first), so a worker must not die of it mid-epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TrainLoader:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the engine (torch.distributed) is imported when a run start
 log = logging.getLogger("post3r_train")
 
 DEFAULT_LOG_DIR = Path("outputs")
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl+C
 HEADLINE = ("ari", "mbo", "image_ari", "image_mbo", "pointmap_ari", "pointmap_mbo")
 
 
@@ -115,25 +116,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     from post3r_train import engine
 
-    if args.resume is not None:
-        try:  # before any data is generated or workers start
-            engine.find_checkpoint(args.resume)
-        except engine.CheckpointError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    if engine.needs_launch(cfg.trainer.devices) and not args.dry:
-        from post3r_train.data import prepare_data
-
-        prepare_data(cfg)  # once, before the workers start
-        return engine.launch_local(cfg.trainer.devices, argv)
     try:
+        if args.resume is not None:  # before any data is generated or workers start
+            _check_resumable(args.resume)
+        if engine.needs_launch(cfg.trainer.devices) and not args.dry:
+            from post3r_train.data import prepare_data
+
+            prepare_data(cfg)  # once, before the workers start
+            return engine.launch_local(cfg.trainer.devices, argv)
         return train(cfg, args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl+C): stopped without a new checkpoint", file=sys.stderr)
+        return INTERRUPTED
+    except (ConfigError, OSError, ValueError, KeyError, RuntimeError) as error:
         if args.verbose:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _check_resumable(resume: Path) -> None:
+    """--continue names a checkpoint and its run is not held by another job."""
+    from post3r_train import engine
+    from post3r_train.engine.rundir import run_dir_of_checkpoint
+    from post3r_train.engine.runlock import check_unlocked
+
+    run = run_dir_of_checkpoint(engine.find_checkpoint(resume))
+    if run is not None:
+        check_unlocked(run.root)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an error for the console (a KeyError's repr would add quotes)."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror} (check the path and its permissions)"
+    return str(error)
 
 
 def train(cfg: DictConfig, args: argparse.Namespace) -> int:
@@ -172,6 +191,10 @@ def train(cfg: DictConfig, args: argparse.Namespace) -> int:
     )
     if result.rank == 0:  # the process group is already shut down here: ask the result
         print(summary(result, time.monotonic() - started))
+    if result.stop_reason == "signal SIGINT":
+        if result.rank == 0:
+            print(f"interrupted (Ctrl+C): --continue {result.run_dir} resumes", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -41,3 +41,7 @@ class NonFiniteLossError(TrainError, RuntimeError):
 
 class TeacherCacheError(TrainError, RuntimeError):
     """A teacher cache that is missing, unfinished or made by another teacher or other data."""
+
+
+class RunDirLockedError(TrainError, RuntimeError):
+    """Another job trains in this run directory (it holds `run.lock`)."""

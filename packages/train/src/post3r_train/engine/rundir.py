@@ -3,6 +3,7 @@
 ```
 <log-dir>/<experiment>/<YYYYmmdd_HHMMSS>/
   config.yaml                 resolved config (rewritten on --continue)
+  run.lock                    while a job trains here: its pid, host, start time (runlock.py)
   logs/metrics/metrics.csv    one row per log event: step, then one column per metric
   logs/tensorboard/           scalars and the validation images
   logs/wandb/                 only with --wandb

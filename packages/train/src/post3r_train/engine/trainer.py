@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -55,6 +56,7 @@ from post3r_train.engine.loggers import RunLogger, WandbSettings
 from post3r_train.engine.module import TrainModule, frozen_names, move_to_device
 from post3r_train.engine.rng import RandomStream, capture_rng, restore_rng, seed_everything
 from post3r_train.engine.rundir import RunDir, run_dir_of_checkpoint
+from post3r_train.engine.runlock import RunDirLockedError, RunLock
 from post3r_train.engine.schedule import lr_factor
 from post3r_train.engine.signals import PreemptionWatch
 from post3r_train.engine.trainer_config import OptimConfig, TrainerConfig
@@ -142,21 +144,35 @@ def fit(
     optim.validate()
     own_env = env is None
     env = env or init_distributed(trainer.accelerator, trainer.dist_timeout_s)
-    run = logger = engine = None
+    run = logger = engine = lock = None
+    fresh = False
     try:
-        run, start = _open_run(env, log_dir, experiment, resume)
+        # Everything that can refuse the run is checked before the run directory is touched,
+        # so a failed --continue leaves it byte for byte as it was.
+        start, resumed_run = _read_resume(env, resume)
+        engine = Trainer(module, trainer, optim, env=env, seed=seed)
+        if start is not None:
+            engine.restore(start.payload, str(start.path))
+        run, lock, fresh = _claim_run(env, resumed_run, log_dir, experiment)
         if run is not None and env.is_main:
             resume_step = None if start is None else int(start.payload["step"])
             logger = RunLogger.start(run, config, resume_step, tensorboard=tensorboard, wandb=wandb)
-        engine = Trainer(module, trainer, optim, env=env, run=run, logger=logger, seed=seed)
+        engine.run, engine.logger = run, logger
         return engine.fit(train_loader, val_loader, start)
     except BaseException:
-        if run is not None:
-            run.record_failure(env.rank, None if engine is None else engine.step)
+        if run is not None and fresh and engine.step == 0:
+            if logger is not None:
+                logger.close()
+                logger = None
+            _remove_unstarted_run(run, env)
+        elif run is not None:
+            run.record_failure(env.rank, engine.step)
         raise
     finally:
         if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.release()
         if own_env:
             shutdown_distributed(env)
 
@@ -219,6 +235,7 @@ class Trainer:
         self.data_rng = RandomStream(seed)  # replaced by `_seed` when training starts
         self._saved_step: int | None = None
         self._checked_first_step = False
+        self._restored = False
 
     # ----------------------------------------------------------------------------------- set-up
 
@@ -259,6 +276,7 @@ class Trainer:
             self.metrics.load_state_dict(states[self.env.rank])
         self._saved_step = self.step
         self.checkpoint = Path(source)
+        self._restored = True
 
     def _seed(self, payload: Mapping[str, Any] | None) -> None:
         """Seed the model's and the data loader's random streams, or restore them."""
@@ -288,7 +306,7 @@ class Trainer:
     ) -> FitResult:
         """Train until `trainer.max_steps`, a preemption signal or `trainer.max_time`."""
         payload = None if resume is None else resume.payload
-        if resume is not None:
+        if resume is not None and not self._restored:
             self.restore(resume.payload, str(resume.path))
         check_ranks_agree(self.step, "the step to start from", self.env)
         self._seed(payload)
@@ -621,21 +639,49 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
 
 
-def _open_run(
-    env: DistEnv, log_dir: Path | str | None, experiment: str, resume: Path | str | None
-) -> tuple[RunDir | None, ResumePoint | None]:
-    """The run directory (created by rank 0, shared by path) and the checkpoint to resume."""
-    start, run = None, None
-    if resume is not None:
-        path = find_checkpoint(Path(resume))
-        start = ResumePoint(path, read_checkpoint(path))
-        run = run_dir_of_checkpoint(path)
-        if env.is_main:
-            log.info("resuming from %s (step %d)", path, start.payload["step"])
-    if run is None and log_dir is not None:
-        root = RunDir.create(Path(log_dir), experiment).root if env.is_main else None
-        run = RunDir(Path(broadcast_object(root, env)))
-    return run, start
+def _read_resume(
+    env: DistEnv, resume: Path | str | None
+) -> tuple[ResumePoint | None, RunDir | None]:
+    """The checkpoint to resume (read only) and the run directory it belongs to."""
+    if resume is None:
+        return None, None
+    path = find_checkpoint(Path(resume))
+    start = ResumePoint(path, read_checkpoint(path))
+    if env.is_main:
+        log.info("resuming from %s (step %d)", path, start.payload["step"])
+    return start, run_dir_of_checkpoint(path)
+
+
+def _claim_run(
+    env: DistEnv, resumed: RunDir | None, log_dir: Path | str | None, experiment: str
+) -> tuple[RunDir | None, RunLock | None, bool]:
+    """(run directory, its lock on rank 0, whether it is new): the resumed run's directory, or
+    a new one under `log_dir` (none without either). Rank 0 creates and locks it; every rank
+    gets its path, or the error that stopped rank 0."""
+    if resumed is None and log_dir is None:
+        return None, None, False
+    root = lock = error = None
+    if env.is_main:
+        try:
+            run = resumed or RunDir.create(Path(log_dir), experiment)  # type: ignore[arg-type]
+            lock = RunLock.acquire(run.root)
+            root = str(run.root)
+        except (OSError, RunDirLockedError) as exc:
+            error = exc
+    root, message = broadcast_object((root, None if error is None else str(error)), env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunDirLockedError(f"rank 0 could not open the run directory: {message}")
+    return RunDir(Path(root)), lock, resumed is None
+
+
+def _remove_unstarted_run(run: RunDir, env: DistEnv) -> None:
+    """A new run that failed before its first step holds nothing worth keeping (the error is
+    on the console): remove it, so failed starts do not pile up in the log directory."""
+    if env.is_main:
+        shutil.rmtree(run.root, ignore_errors=True)
+        log.info("removed %s: the run failed before its first step", run.root)
 
 
 def _check_loss(loss: Any, module: nn.Module) -> None:
