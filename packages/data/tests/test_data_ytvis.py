@@ -278,6 +278,19 @@ def test_bad_video_is_named_or_skipped(fake_root, tmp_path, what, message):
     assert result.splits["train"].videos == 2  # 11 and 13 remain
 
 
+def test_bad_video_is_named_or_skipped_with_worker_processes(fake_root, tmp_path):
+    # The error crosses the process boundary (it must pickle, or the pool breaks).
+    root, _ = fake_root
+    _break(root, "corrupt jpeg")
+    with pytest.raises(BadVideoError, match=r"video 12 \(bbb\): .*cannot decode"):
+        convert_ytvis(root, tmp_path / "a", size=SIZE, val_videos=2, workers=2, progress=False)
+    result = convert_ytvis(
+        root, tmp_path / "b", size=SIZE, val_videos=2, workers=2, skip_bad=True, progress=False
+    )
+    assert [(s["video_id"], s["name"]) for s in result.skipped] == [(12, "bbb")]
+    assert result.splits["train"].videos == 2
+
+
 def test_cli_reports_missing_input_and_summary(fake_root, tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 1
     assert "instances.json" in capsys.readouterr().err

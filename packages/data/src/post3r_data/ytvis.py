@@ -59,6 +59,11 @@ class BadVideoError(DataError, ValueError):
         super().__init__(f"video {video_id} ({name}): {reason}")
         self.video_id, self.name, self.reason = video_id, name, reason
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from the constructor's arguments (the default would pass the message alone),
+        # so the error survives the trip back from a conversion worker process.
+        return type(self), (self.video_id, self.name, self.reason)
+
 
 @dataclass(frozen=True)
 class _Task:
