@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_round_trip_original_pth_then_safetensors(tiny_model, frames, tmp_path, 
         "tiny.pth",
         "tiny.safetensors",
     ]  # no temp files
+    plain = tmp_path / "plain-open"
+    plain.write_bytes(b"")  # the converted weights are as readable as any file opened here
+    assert stat.S_IMODE(converted.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    plain.unlink()
 
     # The aliased DPT convolutions are one parameter after loading.
     head = from_safetensors.downstream_head.dpt_self.scratch

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from post3r_io import atomic_path
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -184,7 +184,9 @@ def save_original_checkpoint(model: TTT3R, path: str | Path) -> None:
         "args": argparse.Namespace(model=to_constructor_string(model.config)),
         "model": model.state_dict(),
     }
-    _atomic_write(Path(path), lambda tmp: torch.save(contents, tmp))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp:
+        torch.save(contents, tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +274,9 @@ def save_safetensors(
         key: value.detach().contiguous() for key, value in tensors.items() if key not in aliases
     }
     metadata = {CONFIG_METADATA_KEY: model.config.to_json(), "format": "pt"}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp:  # the project's rule: fsync, umask mode, rename
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_safetensors(
@@ -331,16 +335,3 @@ def load_checkpoint(
     except TTT3RCheckpointError as error:
         raise TTT3RCheckpointError(f"{path}: {error}") from None
     return model.to(device)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

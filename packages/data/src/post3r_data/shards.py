@@ -21,6 +21,7 @@ from typing import IO, Any, NamedTuple, TypeVar
 
 import numpy as np
 import webdataset as wds
+from post3r_io import atomic_write, atomic_write_text
 from webdataset.tariterators import base_plus_ext
 
 SPLITS = ("train", "validation")
@@ -58,7 +59,7 @@ def find_shards(data_dir: str | os.PathLike, dataset: str, split: str) -> list[s
     """Sorted paths of `<data_dir>/<dataset>-<split>-NNNNNN.tar`.
 
     Raises FileNotFoundError naming the directory and the command that creates the shards when
-    the directory or the shards are missing. Unfinished shards (`*.tar.tmp`) are never listed.
+    the directory or the shards are missing. Unfinished shards (hidden `.*.tmp`) are never listed.
     """
     data_dir = Path(data_dir).expanduser()
     split = canonical_split(split)
@@ -203,41 +204,31 @@ def read_local_shard(
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -> int:
-    """Write samples to one tar atomically (`<path>.tmp`, fsync, rename); return its size.
+    """Write samples to one tar atomically (post3r_io's rule: temporary file, fsync, rename);
+    return its size.
 
     Each sample maps `__key__` to a key without dots and field names (`video.npy`, ...) to
     bytes. If the iterable raises, the temporary file is removed and nothing is left at `path`.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
-            try:
-                for sample in samples:
-                    if "." in sample["__key__"]:
-                        raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
-                    writer.write(dict(sample))
-            finally:
-                writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(stream: Any) -> None:
+        writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+        try:
+            for sample in samples:
+                if "." in sample["__key__"]:
+                    raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
+                writer.write(dict(sample))
+        finally:
+            writer.close()
+
+    atomic_write(path, write)
     return path.stat().st_size
 
 
 def write_json_atomic(path: str | os.PathLike, content: Any) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as stream:
-        stream.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (post3r_io's rule)."""
+    atomic_write_text(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def ordered_map(function: Callable, items: Iterable, workers: int) -> Iterator:
