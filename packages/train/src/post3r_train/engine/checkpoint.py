@@ -23,6 +23,7 @@ FORMAT = "post3r-train-checkpoint"
 VERSION = 1
 LAST = "last.ckpt"
 _STEP_NAME = re.compile(r"step=(\d+)\.ckpt")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # in torch's weights_only refusal
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -66,10 +67,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            f"The file is truncated or corrupt; {_alternatives(path)}"
-        ) from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a post3r training checkpoint (no '{FORMAT}' tag); "
@@ -81,6 +79,27 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"understands ({VERSION}); update post3r-train"
         )
     return payload
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """Why torch.load refused `path`: empty, holding code, or truncated/corrupt."""
+    if "Weights only load failed" in str(exc):  # a pickled class or function (nothing ran)
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        what = refused.group(1) if refused else "code, not only tensors"
+        return CheckpointError(
+            f"{path} holds objects a training checkpoint must not hold ({what}); "
+            "it was refused without running them. Checkpoints written by this trainer hold "
+            f"only tensors and plain values: use one of those; {_alternatives(path)}"
+        )
+    if path.stat().st_size == 0:
+        return CheckpointError(
+            f"{path} is empty (0 bytes): a copy or write that never finished; {_alternatives(path)}"
+        )
+    lines = str(exc).strip().splitlines() or ["no details"]
+    return CheckpointError(
+        f"{path} cannot be read ({type(exc).__name__}: {lines[0]}). "
+        f"The file is truncated or corrupt; {_alternatives(path)}"
+    )
 
 
 def _alternatives(path: Path) -> str:
