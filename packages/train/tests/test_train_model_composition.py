@@ -185,6 +185,30 @@ def test_wrong_frame_size_is_rejected():
         build().training_step(make_batch(size=48))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f * 255, r"span \[0.*, 255\] but must be in \[0, 1\]"),
+        (lambda f: f * 2 - 1, r"span \[-1.*, 1.*\] but must be in \[0, 1\]"),
+        (lambda f: f.index_fill(0, torch.tensor([1]), float("nan")), "NaN or infinite"),
+        (lambda f: f.index_fill(0, torch.tensor([0]), float("inf")), "NaN or infinite"),
+    ],
+    ids=["0-255 floats", "pre-normalised", "nan", "inf"],
+)
+def test_frames_are_checked_as_strictly_as_the_backbone_does(change, message):
+    batch = make_batch()
+    batch["frames"] = change(batch["frames"])
+    with pytest.raises(ValueError, match=message):
+        build().training_step(batch)
+
+
+def test_uint8_frames_are_accepted():
+    batch = make_batch()
+    batch["frames"] = (batch["frames"] * 255).round().to(torch.uint8)
+    loss, _ = build().training_step(batch)
+    assert torch.isfinite(loss)
+
+
 def test_first_camera_frame_makes_frame_zero_the_identity():
     b, t = 1, 3
     angle = torch.tensor(0.3)

@@ -13,6 +13,7 @@ twice. All slots of all frames are decoded in one pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from post3r_backbone.model import RANGE_SLACK
 from post3r_slots import MLPDecoder, PointmapDecoder, SlotVideoProcessor
 from post3r_train.batch import Batch
 from post3r_train.config import LossConfig
@@ -337,8 +339,25 @@ def check_frames(batch: Batch, size: tuple[int, int]) -> Tensor:
             "(dataset.image_size)"
         )
     if frames.dtype == torch.uint8:
-        frames = frames.float() / 255
+        return frames.float() / 255
+    _check_frame_values(frames)
     return frames
+
+
+def _check_frame_values(frames: Tensor) -> None:
+    """Float frames in [0, 1] and finite, as strictly as the backbone checks its input (one
+    device sync per batch: small next to the step's own all-reduce)."""
+    if not frames.is_floating_point():
+        raise TypeError(f"batch['frames'] must be float in [0, 1] or uint8, got {frames.dtype}")
+    low, high = torch.stack(torch.aminmax(frames.detach().float())).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("batch['frames'] contains NaN or infinite values")
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise ValueError(
+            f"batch['frames'] values span [{low:.3g}, {high:.3g}] but must be in [0, 1] (or "
+            "uint8 0..255): pass raw frames divided by 255; every encoder normalises for itself "
+            "(do not pre-normalise to [-1, 1] or with ImageNet statistics)"
+        )
 
 
 def rgb_patches(frames: Tensor, grid: tuple[int, int]) -> Tensor:
