@@ -202,6 +202,21 @@ def test_frames_are_checked_as_strictly_as_the_backbone_does(change, message):
         build().training_step(batch)
 
 
+def test_one_frame_clips_warn_once_that_the_contrastive_term_is_left_out():
+    import warnings
+
+    from post3r_train import losses
+
+    losses._warn_single_frame_contrastive.cache_clear()
+    model = build()
+    with pytest.warns(UserWarning, match=r"contrastive_weight=.* clips have one frame"):
+        _, parts = model.training_step(make_batch(t=1))
+    assert "contrastive" not in parts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second batch does not warn again
+        model.training_step(make_batch(t=1))
+
+
 def test_uint8_frames_are_accepted():
     batch = make_batch()
     batch["frames"] = (batch["frames"] * 255).round().to(torch.uint8)

@@ -49,7 +49,21 @@ def check_positive(value: float, name: str) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
-def check_at_least_one(value: int, name: str) -> None:
-    """Raise `ValueError` unless the count `value` is at least 1."""
+def check_at_least_one(value: object, name: str) -> None:
+    """Raise `ValueError` unless the count `value` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_finite(tensor: torch.Tensor, name: str, *, on_device: bool = False) -> None:
+    """Raise `ValueError` when `tensor` holds NaN or infinity.
+
+    CPU tensors are always checked (no device round trip). Tensors on an accelerator only with
+    `on_device=True`: there the check is a host-device sync, too dear on a module's hot path
+    (a training loop catches non-finite values once per step in its loss and gradient instead).
+    """
+    checked = tensor.is_floating_point() and (tensor.device.type == "cpu" or on_device)
+    if checked and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")

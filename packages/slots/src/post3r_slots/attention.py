@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from post3r_slots._checks import check_at_least_one, check_shape
+from post3r_slots._checks import check_at_least_one, check_finite, check_shape
 
 
 class SlotAttentionOutput(NamedTuple):
@@ -77,6 +77,8 @@ class SlotAttention(nn.Module):
             first_frame_iterations = iterations
         check_at_least_one(iterations, "iterations")
         check_at_least_one(first_frame_iterations, "first_frame_iterations")
+        check_at_least_one(feature_dim, "feature_dim")
+        check_at_least_one(slot_dim, "slot_dim")
         qkv_dim = qkv_dim or slot_dim
         mlp_hidden_dim = 4 * slot_dim if mlp_hidden_dim is None else mlp_hidden_dim
         self.feature_dim, self.slot_dim = feature_dim, slot_dim
@@ -107,6 +109,12 @@ class SlotAttention(nn.Module):
         """
         sizes = check_shape(slots, "slots", "B K Ds", Ds=self.slot_dim)
         check_shape(features, "features", "B N D", B=sizes["B"], D=self.feature_dim)
+        if sizes["K"] == 0:
+            raise ValueError(
+                f"slots must hold at least one slot (K >= 1), got {tuple(slots.shape)}"
+            )
+        check_finite(features, "features")
+        check_finite(slots, "slots")
         if iterations is None:
             iterations = self.first_frame_iterations if first_frame else self.iterations
         check_at_least_one(iterations, "iterations")

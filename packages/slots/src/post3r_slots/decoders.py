@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from post3r_slots._checks import check_shape
+from post3r_slots._checks import check_finite, check_shape
 
 
 class FeatureDecoderOutput(NamedTuple):
@@ -76,6 +76,7 @@ class MLPDecoder(nn.Module):
     def forward(self, slots: torch.Tensor) -> FeatureDecoderOutput:
         """Decode slots (B, [T,] K, Ds)."""
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
+        check_finite(slots, "slots")
         video = "T" in sizes
         first = cast(nn.Linear, self.layers[0])
         x = _fold_time(slots, video)
@@ -163,6 +164,7 @@ class PointmapDecoder(nn.Module):
     ) -> PointmapDecoderOutput:
         """Decode slots (B, [T,] K, Ds), with `pose` (B, [T,] P) if built with `pose_dim`."""
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
+        check_finite(slots, "slots")
         video, batch, num_slots = "T" in sizes, sizes["B"], sizes["K"]
         x = _fold_time(slots, video)
         if self.pose_embed is not None:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from post3r_slots._checks import check_shape
+from post3r_slots._checks import check_at_least_one, check_shape
 
 
 class FixedLearnedInit(nn.Module):
@@ -20,6 +20,8 @@ class FixedLearnedInit(nn.Module):
 
     def __init__(self, num_slots: int, slot_dim: int, initial_std: float | None = None) -> None:
         super().__init__()
+        check_at_least_one(num_slots, "num_slots")
+        check_at_least_one(slot_dim, "slot_dim")
         std = slot_dim**-0.5 if initial_std is None else initial_std
         self.num_slots, self.slot_dim = num_slots, slot_dim
         self.slots = nn.Parameter(torch.randn(num_slots, slot_dim) * std)
@@ -53,6 +55,8 @@ class GaussianInit(nn.Module):
         super().__init__()
         if eval_mode not in ("seeded", "mean"):
             raise ValueError(f"eval_mode must be 'seeded' or 'mean', got {eval_mode!r}")
+        check_at_least_one(num_slots, "num_slots")
+        check_at_least_one(slot_dim, "slot_dim")
         self.num_slots, self.slot_dim = num_slots, slot_dim
         self.eval_mode, self.eval_seed = eval_mode, eval_seed
         self.mean = nn.Parameter(torch.zeros(slot_dim))
@@ -66,6 +70,8 @@ class GaussianInit(nn.Module):
     ) -> torch.Tensor:
         """Return (batch_size, K, Ds); a `generator` overrides the mode's randomness: fresh
         noise per sample and slot, drawn from it on the parameters' device."""
+        if num_slots is not None:
+            check_at_least_one(num_slots, "num_slots")
         shape = (batch_size, num_slots or self.num_slots, self.slot_dim)
         if generator is None and not self.training:
             if self.eval_mode == "mean":

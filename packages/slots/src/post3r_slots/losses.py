@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -51,7 +52,9 @@ def pointmap_loss(
 
     Args:
         prediction: (B, [T,] h, w, 3); bilinearly resized to the target's (H, W) if they differ.
-        target: (B, [T,] H, W, 3), detached. Non-finite points count as invalid.
+        target: (B, [T,] H, W, 3), detached. Non-finite points count as invalid. With no valid
+            pixel at all the loss and its parts are NaN (no data must not look like a perfect
+            fit): a training loop's non-finite check then skips or stops that step.
         confidence: (B, [T,] H, W), positive; None weighs every pixel 1 with no log term.
             Pixels with a non-positive or non-finite confidence count as invalid.
         valid: (B, [T,] H, W) bool; None: every finite pixel is valid.
@@ -87,7 +90,8 @@ def pointmap_loss(
         prediction = prediction / _mean_norm(prediction, mask, group_dims, eps)
         target = target / _mean_norm(target, mask, group_dims, eps)
     distance = torch.linalg.vector_norm(prediction - target, dim=-1)
-    count = mask.sum().clamp(min=1)
+    # No valid pixel: NaN, not 0 (no data is not a perfect fit); decided without a device sync.
+    count = torch.where(mask.any(), mask.sum().to(distance.dtype), math.nan)
     regression = (distance * mask).sum() / count
     if weight is None:
         return LossOutput(regression, {"pointmap_distance": regression.detach()})

@@ -27,7 +27,7 @@ import math
 import torch
 from torchmetrics import Metric
 
-from post3r_slots._checks import check_shape
+from post3r_slots._checks import check_finite, check_shape
 from post3r_slots._optional import require
 
 OVERLAP_ID = -1
@@ -81,6 +81,7 @@ def _samples(
         is_masks = False
     elif pred.ndim == target.ndim + 1:
         check_shape(pred, "pred", "B T K H W" if has_time else "B K H W", **sizes)
+        check_finite(pred, "pred masks", on_device=True)  # a score of NaN masks means nothing
         is_masks = True
     else:
         raise ValueError(

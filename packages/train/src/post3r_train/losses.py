@@ -8,6 +8,8 @@ relative scale; with the teacher's confidence it is DUSt3R's `C·d − α·log C
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
@@ -45,6 +47,8 @@ def total_loss(out: ModelOutput, cfg: LossConfig) -> tuple[Tensor, dict[str, Ten
         parts.update(
             {f"pointmap/{k.removeprefix('pointmap_')}": v for k, v in result.parts.items()}
         )
+    if cfg.contrastive_weight > 0 and out.slots.shape[1] < 2:
+        _warn_single_frame_contrastive(cfg.contrastive_weight)
     if cfg.contrastive_weight > 0 and out.slots.shape[1] > 1:
         result = slot_contrastive_loss(
             out.slots.float(),
@@ -55,3 +59,13 @@ def total_loss(out: ModelOutput, cfg: LossConfig) -> tuple[Tensor, dict[str, Ten
         parts["contrastive"] = result.loss.detach()
         parts["contrastive/accuracy"] = result.parts["contrastive_accuracy"]
     return total, parts
+
+
+@functools.cache
+def _warn_single_frame_contrastive(weight: float) -> None:
+    """Once per process: a one-frame clip has no frame pair, so the contrastive term is 0."""
+    warnings.warn(
+        f"loss.contrastive_weight={weight} but the clips have one frame: the temporal "
+        "contrastive term needs two or more (dataset.chunk_size >= 2) and is left out",
+        stacklevel=3,
+    )
