@@ -233,6 +233,22 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
         assert len(list(train)) == 20 and train.num_skipped > 0
 
 
+def test_a_corrupt_first_shard_is_skipped_like_any_other(tmp_path):
+    paths = write_toy_shards(tmp_path, [5, 5, 5], per_shard=2)
+    first = Path(paths[0])
+    first.write_bytes(first.read_bytes()[:100])  # cut inside its first sample's header
+    loader = make_val_loader(paths, resolution=8, on_error="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = [k for batch in loader for k in batch["key"]]
+        assert "segmentations" in next(iter(loader))  # the layout came from the readable shard
+    assert keys == ["vid002"] and loader.num_skipped >= 1
+    first.write_bytes(b"")
+    Path(paths[1]).write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 2 shards can be read"):
+        make_val_loader(paths, resolution=8)
+
+
 class _TouchOnUnpickle:
     """Unpickling this object creates a file: proof that a loader unpickled shard data."""
 

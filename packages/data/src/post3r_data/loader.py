@@ -125,11 +125,23 @@ def probe_fields(shard: str) -> tuple[str, ...]:
 
 def _fields(shards: list[str], fields: Sequence[str] | None) -> tuple[str, ...]:
     if fields is None:
-        return probe_fields(shards[0])
+        return _probe_first_readable(shards)
     unknown = set(fields) - set(OPTIONAL_FIELDS)
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}; choose from {OPTIONAL_FIELDS}")
     return tuple(f for f in OPTIONAL_FIELDS if f in fields)
+
+
+def _probe_first_readable(shards: list[str]) -> tuple[str, ...]:
+    """The fields of the first shard that can be read: a corrupt shard is skipped (and counted
+    when the stream reaches it) wherever it sorts, first included."""
+    errors = []
+    for shard in shards:
+        try:
+            return probe_fields(shard)
+        except ValueError as error:
+            errors.append(str(error))
+    raise ValueError(f"none of the {len(shards)} shards can be read; the first: {errors[0]}")
 
 
 class ErrorPolicy:
