@@ -230,3 +230,35 @@ def test_config_and_cli_validate_and_report(tmp_path, capsys):
     with pytest.raises(SystemExit):  # was accepted and wrote no validation split
         main([*args, "--val-videos", "-1"])
     assert "num_val_videos must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_huge_size_and_reports_os_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    args = ["--output", str(tmp_path / "s"), "--videos", "3", "--frames", "2", "--workers", "1"]
+    with pytest.raises(SystemExit):
+        main([*args, "--size", "100000"])
+    assert "size 100000 is beyond 4096 pixels" in capsys.readouterr().err
+    import errno
+
+    from post3r_data import shards
+
+    real_write = shards.write_shard
+    calls = []
+
+    def fill_disk_on_second_shard(path, samples):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, samples)
+
+    monkeypatch.setattr(shards, "write_shard", fill_disk_on_second_shard)
+    import post3r_data.synth as synth_module
+
+    monkeypatch.setattr(synth_module, "write_shard", fill_disk_on_second_shard, raising=False)
+    sized = [*args, "--size", str(SIZE), "--videos-per-shard", "1"]
+    assert main(sized) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("error: ") and "No space left" in last
+    assert "shards finished so far are kept" in last
+    monkeypatch.undo()
+    assert main(sized) == 0  # the rerun writes only what is missing

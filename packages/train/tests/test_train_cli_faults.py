@@ -79,3 +79,23 @@ def test_a_read_only_log_directory_is_one_line(tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: {read_only}") and "check the path and its permissions" in last
+
+
+def test_train_uses_a_dataset_made_by_apps_synth_as_it_is(tmp_path):
+    from omegaconf import OmegaConf
+
+    from post3r_data.synth_cli import main as synth_main
+
+    data = tmp_path / "synth"
+    synth = ["--output", str(data), "--videos", "4", "--val-videos", "2", "--size", "32"]
+    assert synth_main([*synth, "--frames", "4", "--videos-per-shard", "2", "--workers", "1"]) == 0
+    logs = tmp_path / "logs"
+    code, _, err = run_cli(["smoke", "--data-dir", str(data), "--log-dir", str(logs), "-q"])
+    assert code == 0, err
+    (run_dir,) = (logs / "smoke").iterdir()
+    saved = OmegaConf.load(run_dir / "config.yaml").dataset.synthetic
+    assert (saved.num_frames, saved.num_train_videos, saved.min_objects) == (4, 4, 3)
+    code, _, err = run_cli(
+        ["smoke", "--data-dir", str(data), "-q", "--dry", "dataset.synthetic.num_frames=3"]
+    )
+    assert code == 2 and "num_frames=3 (dataset: 4)" in err

@@ -48,6 +48,7 @@ from post3r_data.shards import (
 )
 
 DATASET = "synthetic"
+MAX_SIZE = 4096  # pixels per side: beyond it one frame alone needs gigabytes
 _SPLIT_CODES = {"train": 0, "validation": 1}
 _ARENA_RADIUS = 2.2  # object centres start inside this disc around the origin
 _MARGIN = 0.1  # minimum gap between object bounding circles at every frame
@@ -461,6 +462,12 @@ def generate_synthetic_dataset(
         raise ValueError(
             f"need num_videos >= 1, size >= 8, frames >= 1, videos_per_shard >= 1; got "
             f"{num_videos}, {size}, {frames}, {videos_per_shard}"
+        )
+    if size > MAX_SIZE:
+        raise ValueError(
+            f"size {size} is beyond {MAX_SIZE} pixels: one {size}x{size} frame with its depth and "
+            f"pointmap takes {size * size * 19 / 1e9:.1f} GB (the scenes are simple: 64-512 "
+            "is what training uses)"
         )
     num_val_videos = max(1, num_videos // 8) if num_val_videos is None else num_val_videos
     if num_val_videos < 0:

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from post3r_data.synth import SHAPE_NAMES, SynthConfig, generate_synthetic_dataset
+
+
+def _os_error_text(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    what = error.strerror or str(error)
+    return (
+        f"{where}{what}; the shards finished so far are kept and a rerun with the same "
+        "arguments writes only the missing ones (free space or fix the permissions first)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    except OSError as error:  # a read-only or full output directory: the finished shards stay
+        print(f"error: {_os_error_text(error)}", file=sys.stderr)
+        return 1
     for split, summary in result.splits.items():
         print(f"{split:>10}: {summary.describe()}")
     print(

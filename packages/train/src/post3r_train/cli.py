@@ -93,7 +93,10 @@ def load_run_config(args: argparse.Namespace) -> DictConfig:
         config = str(saved) if saved is not None else None
     if args.data_dir is not None:
         overrides = [*overrides, f"dataset.root={args.data_dir}"]
-    return load_config(config, overrides)
+    from post3r_train.data import adopt_recorded_dataset
+
+    # A synthetic dataset given by --data-dir (e.g. apps/synth's output) is used as it is.
+    return adopt_recorded_dataset(load_config(config, overrides), explicit=overrides)
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:

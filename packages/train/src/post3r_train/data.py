@@ -90,6 +90,60 @@ def _complete(root: Path) -> bool:
         return False
 
 
+# synthetic-info.json's "settings" -> dataset.synthetic keys (scene knobs sit under "config").
+_RECORDED_KEYS = {
+    "num_videos": "num_train_videos",
+    "num_val_videos": "num_val_videos",
+    "size": "resolution",
+    "frames": "num_frames",
+    "seed": "seed",
+    "videos_per_shard": "videos_per_shard",
+}
+
+
+def recorded_synthetic_settings(root: Path) -> dict[str, Any] | None:
+    """The dataset.synthetic values a finished synthetic dataset in `root` was generated with
+    (apps/synth or an earlier run record them in synthetic-info.json), or None."""
+    if not _complete(root):
+        return None
+    settings = json.loads((root / "synthetic-info.json").read_text()).get("settings") or {}
+    values = {
+        ours: settings[theirs] for theirs, ours in _RECORDED_KEYS.items() if theirs in settings
+    }
+    values |= dict(settings.get("config") or {})
+    return values
+
+
+def adopt_recorded_dataset(cfg: DictConfig, explicit: Iterable[str] = ()) -> DictConfig:
+    """`cfg` with dataset.synthetic set to what the synthetic dataset at `dataset.root` records,
+    so `--data-dir <apps/synth output>` trains on it as it is. `explicit` are the user's
+    key=value overrides: one that contradicts the dataset is an error, not silently replaced."""
+    if cfg.dataset.name != "synthetic" or cfg.dataset.root is None:
+        return cfg
+    root = Path(cfg.dataset.root).expanduser()
+    recorded = recorded_synthetic_settings(root)
+    if recorded is None:
+        return cfg
+    known = {k: v for k, v in recorded.items() if k in cfg.dataset.synthetic}
+    asked = {item.split("=", 1)[0].removeprefix("dataset.synthetic.") for item in explicit}
+    current = synthetic_settings(cfg)
+    clashes = [k for k in known if k in asked and current[k] != known[k]]
+    if clashes:
+        shown = ", ".join(f"{k}={current[k]} (dataset: {known[k]})" for k in clashes)
+        from post3r_train.config import ConfigError
+
+        raise ConfigError(
+            f"{root} holds a synthetic dataset made with other settings: {shown}; drop those "
+            "overrides to train on it as it is, or pass another --data-dir to generate a new one"
+        )
+    changed = {k: v for k, v in known.items() if current[k] != v}
+    if changed:
+        log.info("using the settings recorded in %s: %s", root / "synthetic-info.json", changed)
+    adopted = cfg.copy()
+    adopted.dataset.synthetic = OmegaConf.merge(cfg.dataset.synthetic, known)
+    return adopted
+
+
 def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
     """The shard directory, with the synthetic dataset generated into it if needed."""
     root = data_root(cfg)
