@@ -146,8 +146,32 @@ def test_dinov2_without_weights_is_a_clear_error(tmp_path):
         )
 
 
-def test_ttt3r_teacher_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.teacher\.checkpoint"):
+def test_dinov2_missing_weights_error_names_the_model_and_where_weights_come_from(tmp_path):
+    missing = f"model.encoder.weights={tmp_path / 'missing.safetensors'}"
+    with pytest.raises(MissingWeightsError) as caught:
+        build("model.encoder.name=dinov2", "model.feature_decoder.target=encoder", missing)
+    message = str(caught.value)
+    assert "{timm_model}" not in message and "huggingface.co/timm/vit_" in message
+
+
+def test_ttt3r_teacher_takes_the_checkpoint_from_the_environment(tmp_path, monkeypatch):
+    from post3r_backbone import TTT3R, TTT3RConfig
+    from post3r_backbone.checkpoint import save_original_checkpoint
+
+    torch.manual_seed(0)
+    saved = TTT3R(TTT3RConfig.preset("tiny"))
+    save_original_checkpoint(saved, tmp_path / "tiny.pth")
+    monkeypatch.setenv("POST3R_BACKBONE_CHECKPOINT", str(tmp_path / "tiny.pth"))
+    overrides = [o for o in TINY_TTT3R if "random_weights" not in o]
+    teacher = build(*overrides).teacher.backbone
+    for name, value in saved.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
+
+
+def test_ttt3r_teacher_without_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("POST3R_BACKBONE_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # no checkpoints/cut3r_512_dpt_4_64.pth here
+    with pytest.raises(FileNotFoundError, match=r"model\.teacher\.checkpoint=PATH or \$POST3R"):
         build("model.teacher.name=ttt3r")
     with pytest.raises(FileNotFoundError, match="not found"):
         build("model.teacher.name=ttt3r", f"model.teacher.checkpoint={tmp_path / 'none.pth'}")

@@ -108,8 +108,10 @@ class DinoV2Encoder(nn.Module):
         if pretrained:
             if weights is None:
                 raise MissingWeightsError(
-                    f"model.encoder.name=dinov2 needs pretrained {timm_model} weights and "
-                    "nothing is downloaded at run time: download them once, e.g. `hf download "
+                    f"model.encoder.name=dinov2 needs pretrained {timm_model} weights (Meta's "
+                    f"DINOv2, published by timm at https://huggingface.co/timm/{timm_model}"
+                    ".lvd142m) and nothing is downloaded at run time: download them once, e.g. "
+                    "`hf download "
                     f"timm/{timm_model}.lvd142m model.safetensors --local-dir weights/`, then "
                     "set model.encoder.weights=weights/model.safetensors "
                     "(or model.encoder.pretrained=false for random weights, tests only)"
@@ -117,7 +119,10 @@ class DinoV2Encoder(nn.Module):
             if not Path(weights).is_file():
                 raise MissingWeightsError(
                     f"model.encoder.weights={weights}: no such file (a .safetensors or "
-                    f".pth/.bin state dict of {timm_model})"
+                    f".pth/.bin state dict of {timm_model}: Meta's DINOv2 weights as timm "
+                    f"publishes them, https://huggingface.co/timm/{timm_model}.lvd142m; "
+                    f"`hf download timm/{timm_model}.lvd142m model.safetensors --local-dir "
+                    "weights/` fetches them once)"
                 )
         self.vit = timm.create_model(timm_model, pretrained=False, num_classes=0, **kwargs)
         if pretrained:

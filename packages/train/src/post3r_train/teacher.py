@@ -14,6 +14,8 @@ per sample, so one video in a batch does not steer another's.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from post3r_train.errors import MissingTargetError
+
+log = logging.getLogger("post3r_train")
 
 
 class TeacherOutput(NamedTuple):
@@ -35,6 +39,18 @@ class TeacherOutput(NamedTuple):
     tokens: Tensor | None = None
     grid: tuple[int, int] | None = None
     state: Any = None  # the backbone state after the clip (TTT3R), to continue a stream
+
+
+def _default_checkpoint() -> Path | None:
+    """The backbone's default checkpoint when model.teacher.checkpoint is unset:
+    $POST3R_BACKBONE_CHECKPOINT if set, else checkpoints/cut3r_512_dpt_4_64.pth if it exists."""
+    from post3r_backbone.checkpoint import CHECKPOINT_ENV, default_checkpoint_path
+
+    path = default_checkpoint_path()
+    if os.environ.get(CHECKPOINT_ENV) or path.is_file():
+        log.info("model.teacher.checkpoint is unset: using %s", path)
+        return path
+    return None
 
 
 class GroundTruthTargets(nn.Module):
@@ -110,6 +126,8 @@ class TTT3RTeacher(nn.Module):
         super().__init__()
         from post3r_backbone import TTT3R, TTT3RConfig, load_checkpoint
 
+        if checkpoint is None and not random_weights:
+            checkpoint = _default_checkpoint()
         if checkpoint is not None:
             self.backbone = load_checkpoint(checkpoint)  # clear error if missing or wrong
         elif random_weights:
@@ -117,7 +135,8 @@ class TTT3RTeacher(nn.Module):
         else:
             raise FileNotFoundError(
                 "model.teacher.name=ttt3r needs a TTT3R checkpoint: set "
-                "model.teacher.checkpoint=PATH (cut3r_512_dpt_4_64.pth from the CUT3R release, "
+                "model.teacher.checkpoint=PATH or $POST3R_BACKBONE_CHECKPOINT, or put it at "
+                "checkpoints/cut3r_512_dpt_4_64.pth (from the CUT3R release, "
                 "or its converted .safetensors; see packages/backbone/README.md). "
                 "model.teacher.random_weights=true builds untrained weights (tests only)."
             )
