@@ -41,6 +41,7 @@ def test_benchmark_prints_a_table(capsys):
         (["--set", "enc_dept=2"], "--set: unknown TTT3R config key 'enc_dept'"),
         (["--set", "enc_depth"], "'enc_depth' is not KEY=VALUE"),
         (["--repeats", "0"], "--repeats: must be a positive integer, got 0"),
+        (["--size", "50x64", "--lengths", "2"], "frame size (50, 64) (H, W) must be a multiple"),
     ],
 )
 def test_benchmark_rejects_bad_options(option, message, capsys):

@@ -99,3 +99,14 @@ def test_train_uses_a_dataset_made_by_apps_synth_as_it_is(tmp_path):
         ["smoke", "--data-dir", str(data), "-q", "--dry", "dataset.synthetic.num_frames=3"]
     )
     assert code == 2 and "num_frames=3 (dataset: 4)" in err
+
+
+def test_bench_train_rejects_zero_steps_and_bad_overrides():
+    from train_model_runs import call
+
+    from post3r_train.benchmark import main as bench_main
+
+    code, _, err = call(bench_main, ["--steps", "0"])
+    assert code == 2 and "--steps: must be a whole number >= 1, got 0" in err
+    code, _, err = call(bench_main, ["--config", "smoke", "--device", "cpu", "model.nmu_slots=3"])
+    assert code == 2 and "Traceback" not in err and "nmu_slots" in err

@@ -389,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((torch.device("cuda"), args.preset or "ttt3r_512"))
     for device, preset in runs:
         size = args.size or ((64, 64) if preset == "tiny" else (384, 512))
-        run_configuration(args, device, preset, size)
+        try:
+            run_configuration(args, device, preset, size)
+        except ValueError as error:  # e.g. a --size the model cannot take: a usage error
+            parser.error(str(error))
     if args.device == "auto" and not torch.cuda.is_available():
         print("\nno CUDA device: the ttt3r_512 GPU run was skipped")
     return 0

@@ -141,23 +141,46 @@ def _decode_table(shards: list[str], chunk_size: int) -> None:
     print(f"  seek to the clip's frames       {times['seek']:7.2f} ms   {speedup:.1f}x faster")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apps/bench-data", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="stream real shards from here instead")
     parser.add_argument("--dataset", default="ytvis", help="shard prefix in --data-dir")
-    parser.add_argument("--videos", type=int, default=96, help="synthetic videos to render")
-    parser.add_argument("--size", type=int, default=64, help="synthetic image side")
-    parser.add_argument("--frames", type=int, default=8, help="synthetic frames per video")
-    parser.add_argument("--ytvis-videos", type=int, default=6, help="YT-VIS-sized videos (0: none)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--videos", type=_positive, default=96, help="synthetic videos to render")
+    parser.add_argument("--size", type=_positive, default=64, help="synthetic image side")
+    parser.add_argument("--frames", type=_positive, default=8, help="synthetic frames per video")
+    parser.add_argument(
+        "--ytvis-videos", type=_non_negative, default=6, help="YT-VIS-sized videos (0: none)"
+    )
+    parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--chunk-size", type=_positive, default=4)
     parser.add_argument("--resolution", type=int, default=None, help="default: --size")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batches", type=_positive, default=20, help="timed batches per row")
+    parser.add_argument("--workers", type=_non_negative, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--float-frames", action="store_true", help="float32 frames (default uint8, 4x smaller)"
     )
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as error:  # what the arguments led to: a usage error
+        parser.error(str(error))
+
+
+def _run(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.data_dir is not None:
         args.resolution = args.resolution or 518

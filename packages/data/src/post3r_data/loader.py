@@ -132,6 +132,13 @@ def _fields(shards: list[str], fields: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(f for f in OPTIONAL_FIELDS if f in fields)
 
 
+def _check_counts(**counts: object) -> None:
+    """Each count must be an int >= 1; the error names the argument and its value."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def _probe_first_readable(shards: list[str]) -> tuple[str, ...]:
     """The fields of the first shard that can be read: a corrupt shard is skipped (and counted
     when the stream reaches it) wherever it sorts, first included."""
@@ -524,8 +531,12 @@ def make_train_loader(
     are corrupt in both.
     """
     urls = _expand(shards)
-    if batch_size < 1 or chunk_size < 1 or steps_per_epoch < 1 or clips_per_video < 1:
-        raise ValueError("batch_size, chunk_size, steps_per_epoch and clips_per_video must be >= 1")
+    _check_counts(
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        steps_per_epoch=steps_per_epoch,
+        clips_per_video=clips_per_video,
+    )
     if start_step < 0 or seed < 0:
         raise ValueError(f"start_step and seed must be >= 0, got {start_step}, {seed}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -577,8 +588,9 @@ def make_val_loader(
     numbers of batches, or none: evaluate without collectives inside the loop.
     """
     urls = _expand(shards)
-    if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
-        raise ValueError("batch_size and chunk_size must be >= 1")
+    _check_counts(
+        batch_size=batch_size, **({} if chunk_size is None else {"chunk_size": chunk_size})
+    )
     rank, world_size = _rank_and_world(rank, world_size)
     spec = _ClipSpec(
         _resolution(resolution),

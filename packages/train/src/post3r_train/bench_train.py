@@ -208,6 +208,16 @@ def _print_machine() -> None:
     print()
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="apps/bench-train",
@@ -217,8 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every case")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--config", help="benchmark this config instead (on --device)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=_at_least(1), default=10, help="timed steps per case")
+    parser.add_argument("--warmup", type=_at_least(0), default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     parser.add_argument(
         "--compare-teachers",
@@ -253,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for case in cases:
         print(f"running {case.name} on {case.device} ...", file=sys.stderr, flush=True)
-        results.append(run_case(case, args.steps, args.warmup, args.overrides))
+        try:
+            results.append(run_case(case, args.steps, args.warmup, args.overrides))
+        except (ValueError, FileNotFoundError) as error:  # config, overrides, data: usage
+            parser.error(str(error))
     print(format_table(results))
     print("frozen % = teacher + frozen encoder forward time / whole training step (same run)")
     return 0
