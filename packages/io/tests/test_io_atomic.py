@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from post3r_io import atomic_path, atomic_write, atomic_write_text
 
 

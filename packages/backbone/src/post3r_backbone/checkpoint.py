@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from post3r_io import atomic_path
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -33,6 +32,7 @@ from post3r_backbone.errors import (
     TTT3RConfigError,
 )
 from post3r_backbone.model import TTT3R
+from post3r_io import atomic_path
 
 RELEASED_CHECKPOINT = "cut3r_512_dpt_4_64.pth"
 RELEASED_URL = "https://drive.google.com/file/d/1Asz-ZB3FfpzZYwunhQvNPZEUA8XUNAYD"

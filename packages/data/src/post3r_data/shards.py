@@ -21,8 +21,9 @@ from typing import IO, Any, NamedTuple, TypeVar
 
 import numpy as np
 import webdataset as wds
-from post3r_io import atomic_write, atomic_write_text
 from webdataset.tariterators import base_plus_ext
+
+from post3r_io import atomic_write, atomic_write_text
 
 SPLITS = ("train", "validation")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "training": "train"}
