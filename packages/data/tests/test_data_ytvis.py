@@ -291,6 +291,34 @@ def test_bad_video_is_named_or_skipped_with_worker_processes(fake_root, tmp_path
     assert result.splits["train"].videos == 2
 
 
+def test_cli_reports_a_full_disk_in_one_line_and_a_rerun_finishes(fake_root, tmp_path, capsys):
+    import errno
+
+    from post3r_data import ytvis
+
+    root, _ = fake_root
+    args = ["--input", str(root), "--output", str(tmp_path / "o"), "--size", str(SIZE)]
+    args += ["--val-videos", "2", "--videos-per-shard", "1", "--workers", "1"]
+    real_write, calls = ytvis.write_shard, []
+
+    def fill_disk_on_second_shard(path, samples):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, samples)
+
+    ytvis.write_shard = fill_disk_on_second_shard
+    try:
+        assert main(args) == 1
+    finally:
+        ytvis.write_shard = real_write
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err
+    assert "shards finished so far are kept" in err
+    assert main(args) == 0
+    assert "kept 1 finished shards" in capsys.readouterr().out
+
+
 def test_cli_reports_missing_input_and_summary(fake_root, tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 1
     assert "instances.json" in capsys.readouterr().err

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from post3r_data.ytvis import RESAMPLING_FILTERS, convert_ytvis
 
+_RERUN_HINT = (
+    "; the shards finished so far are kept and a rerun with the same arguments writes only the "
+    "missing ones (free space or fix the permissions first)"
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -48,8 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             skip_bad=args.skip_bad,
             overwrite=args.overwrite,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # missing input, read-only or full output: finished shards stay
+        kept = "" if isinstance(error, FileNotFoundError) else _RERUN_HINT
+        print(f"error: {error}{kept}", file=sys.stderr)
         return 1
     if result.kept_shards:
         print(f"kept {result.kept_shards} finished shards from an earlier run")
