@@ -120,3 +120,17 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tmp_path: Pa
         with pytest.raises(FileNotFoundError):
             run(tmp_path, train=broken_stream, max_steps=2)
     assert list((tmp_path / "toy").iterdir()) == []
+
+
+@pytest.mark.slow  # spawns processes that import torch
+def test_under_ddp_every_rank_stops_with_the_holder_named(tmp_path: Path, capfd) -> None:
+    from post3r_train.engine import launch_local
+
+    result = run(tmp_path, max_steps=2)
+    before = snapshot(result.run_dir)
+    argv = ["--log-dir", str(tmp_path), "--continue", str(result.run_dir), "--max-steps", "4"]
+    with RunLock.acquire(result.run_dir):
+        assert launch_local(2, argv, script=toy.__file__) == 1  # both ranks end, none hangs
+    output = capfd.readouterr()
+    assert f"in use by another job (pid {os.getpid()}" in output.out + output.err
+    assert snapshot(result.run_dir) == before
