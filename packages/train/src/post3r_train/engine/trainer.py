@@ -160,13 +160,14 @@ def fit(
         engine.run, engine.logger = run, logger
         return engine.fit(train_loader, val_loader, start)
     except BaseException:
-        if run is not None and fresh and engine.step == 0:
+        step = None if engine is None else engine.step  # a run exists only once engine does
+        if run is not None and fresh and step == 0:
             if logger is not None:
                 logger.close()
                 logger = None
             _remove_unstarted_run(run, env)
         elif run is not None:
-            run.record_failure(env.rank, engine.step)
+            run.record_failure(env.rank, step)
         raise
     finally:
         if logger is not None:
