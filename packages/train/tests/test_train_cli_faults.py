@@ -104,7 +104,7 @@ def test_train_uses_a_dataset_made_by_apps_synth_as_it_is(tmp_path):
 def test_bench_train_rejects_zero_steps_and_bad_overrides():
     from train_model_runs import call
 
-    from post3r_train.benchmark import main as bench_main
+    from post3r_train.bench_train import main as bench_main
 
     code, _, err = call(bench_main, ["--steps", "0"])
     assert code == 2 and "--steps: must be a whole number >= 1, got 0" in err

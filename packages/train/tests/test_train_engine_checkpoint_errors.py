@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from post3r_train.engine import CheckpointError, load_checkpoint
+from post3r_train.engine import CheckpointError, read_checkpoint
 
 
 class RunsACommand:
@@ -20,7 +20,7 @@ def test_an_empty_checkpoint_is_named_as_empty(tmp_path: Path) -> None:
     (tmp_path / "step=000002.ckpt").write_bytes(b"")
     torch.save({"format": "post3r-train-checkpoint"}, tmp_path / "step=000001.ckpt")
     with pytest.raises(CheckpointError, match=r"step=000002\.ckpt is empty \(0 bytes\)") as caught:
-        load_checkpoint(tmp_path / "step=000002.ckpt")
+        read_checkpoint(tmp_path / "step=000002.ckpt")
     assert "resume from another checkpoint" in str(caught.value)
     assert "step=000001.ckpt" in str(caught.value)
 
@@ -29,5 +29,5 @@ def test_a_pickle_holding_code_is_refused_as_such(tmp_path: Path, capfd) -> None
     path = tmp_path / "last.ckpt"
     torch.save({"format": "post3r-train-checkpoint", "step": RunsACommand()}, path)
     with pytest.raises(CheckpointError, match="holds objects a training checkpoint must not hold"):
-        load_checkpoint(path)
+        read_checkpoint(path)
     assert "must never run" not in capfd.readouterr().out
