@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from post3r_backbone.errors import BackboneError
+from post3r_data.errors import DataError
 from post3r_train.config import ConfigError, load_config, optim_config, resolved, trainer_config
+from post3r_train.errors import TrainError
 from post3r_train.runs import run_config_path
 
 if TYPE_CHECKING:  # the engine (torch.distributed) is imported when a run starts
@@ -30,6 +33,17 @@ log = logging.getLogger("post3r_train")
 
 DEFAULT_LOG_DIR = Path("outputs")
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl+C
+# Every error class the packages raise on purpose, and the OS's (a read-only or full disk, a
+# missing file), is one line on the console with no traceback (-v shows it).
+CONSOLE_ERRORS: tuple[type[Exception], ...] = (
+    TrainError,
+    DataError,
+    BackboneError,
+    OSError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+)
 HEADLINE = ("ari", "mbo", "image_ari", "image_mbo", "pointmap_ari", "pointmap_mbo")
 
 
@@ -131,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl+C): stopped without a new checkpoint", file=sys.stderr)
         return INTERRUPTED
-    except (ConfigError, OSError, ValueError, KeyError, RuntimeError) as error:
+    except CONSOLE_ERRORS as error:
         if args.verbose:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
