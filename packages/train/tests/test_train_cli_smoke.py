@@ -163,6 +163,7 @@ def test_continue_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    smoke_run()  # the shared run is made before the model is patched (whatever ran first)
     calls = {"n": 0}
     original = POST3RModel.losses
 
