@@ -1,5 +1,6 @@
 """Validation metrics of a `ModelOutput`: FG-ARI and mBO of each decoder's masks, 3D point
-errors against ground truth, and the mean of every loss term.
+errors against ground truth (and the 3D metrics of `eval3d` with their baselines), the mean of
+every loss term, and the number of samples evaluated.
 
 The masks of both decoders are scored, each under its own names (`ari`, `pointmap_ari`, ...).
 """
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
 
 from post3r_slots import (
     ImageARI,
@@ -21,6 +22,7 @@ from post3r_slots import (
     resize_masks,
 )
 from post3r_train.batch import Batch
+from post3r_train.eval3d import has_3d_truth, make_3d_metrics, update_3d_metrics
 from post3r_train.geometry import object_point_errors
 
 if TYPE_CHECKING:  # the model module imports this one
@@ -47,7 +49,7 @@ class ImageMasks:
 def make_metrics(*, feature: bool, pointmap: bool, contrastive: bool) -> MetricCollection:
     """Fresh metrics for a model with the feature and/or pointmap decoder and (or not) the
     contrastive loss."""
-    metrics: dict[str, Metric | MetricCollection] = {}
+    metrics: dict[str, Metric | MetricCollection] = {"num_samples": SumMetric()}  # videos/clips
     decoders = [name for name, built in (("feature", feature), ("pointmap", pointmap)) if built]
     for decoder in decoders:
         for name, metric in MASK_METRICS.items():
@@ -58,6 +60,7 @@ def make_metrics(*, feature: bool, pointmap: bool, contrastive: bool) -> MetricC
     if pointmap:
         metrics["object_point_error"] = MeanMetric()
         metrics["point_error"] = MeanMetric()
+        metrics.update(make_3d_metrics())
     # Each decoder has its own instances of the same metric classes: compute groups would
     # fuse instances whose states happen to match after a batch and report one for both.
     return MetricCollection(metrics, compute_groups=False)
@@ -74,6 +77,7 @@ def update_metrics(
 ) -> ImageMasks:
     """Add one validation batch to `metrics`; returns the masks at image resolution (at the
     segmentations' resolution when the batch has them)."""
+    metrics["num_samples"].update(out.slots.shape[0])
     metrics["loss_total"].update(total.detach())
     for name, value in parts.items():
         if f"loss_{name}" in metrics:
@@ -92,6 +96,8 @@ def update_metrics(
         )
         metrics["object_point_error"].update(errors.object_error, errors.object_weight)
         metrics["point_error"].update(errors.scene_error, errors.scene_weight)
+        if has_3d_truth(batch):
+            update_3d_metrics(metrics, out.pointmap, batch)
     return masks
 
 

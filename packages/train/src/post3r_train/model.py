@@ -69,7 +69,8 @@ class PointmapOutput:
     (what the loss compares with `target`). pointmap and slot_pointmaps (B, T, [K,] h, w, 3):
     the composite and each slot's points in the clip's first-camera frame. masks: (B, T, K, h, w).
     scale: (B,) the target's mean point norm per clip (ones without a target). target: None
-    where there is no ground truth (inference).
+    where there is no ground truth (inference). camera_to_world: (B, T, 4, 4) the poses that
+    placed the points (the teacher's).
     """
 
     prediction: Tensor
@@ -78,6 +79,7 @@ class PointmapOutput:
     masks: Tensor
     scale: Tensor
     target: PointmapTarget | None
+    camera_to_world: Tensor
 
 
 @dataclass
@@ -258,6 +260,7 @@ class POST3RModel(TrainModule):
             masks=decoded.masks,
             scale=scale,
             target=target,
+            camera_to_world=poses,
         )
 
     def _pointmap_target(self, teacher: TeacherOutput, poses: Tensor) -> PointmapTarget | None:
