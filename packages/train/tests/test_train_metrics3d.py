@@ -338,3 +338,19 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert values.keys() == expected.keys()
         for name, value in expected.items():
             assert abs(values[name] - value) < 1e-9, (rank, name)
+
+
+def test_rotation_angle_is_accurate_near_zero_and_at_large_angles():
+    from post3r_train.metrics3d import rotation_angle_degrees
+
+    for degrees in (1e-4, 30.0, 179.0):
+        angle = math.radians(degrees)
+        rotation = torch.tensor(
+            [
+                [math.cos(angle), -math.sin(angle), 0],
+                [math.sin(angle), math.cos(angle), 0],
+                [0, 0, 1],
+            ],
+            dtype=torch.float64,
+        )
+        assert abs(float(rotation_angle_degrees(rotation)) - degrees) < 1e-9

@@ -5,6 +5,8 @@ when `dataset.name=synthetic` and it is missing or unfinished (finished shards a
 interrupted generation resumes; a file lock keeps concurrent processes from racing).
 `build_loaders(cfg, root, batches_per_epoch=...)` wraps post3r_data's WebDataset loaders as the
 engine's factories (`build_train_loader`, `build_val_loader` each on its own).
+`existing_validation_data(cfg)` is the evaluation side: it finds the validation shards and never
+generates any (a typo'd --data-dir is an error, not a new dataset).
 """
 
 from __future__ import annotations
@@ -182,6 +184,28 @@ def prepare_data(cfg: DictConfig, progress: bool = True) -> Path:
             result.seconds,
             root,
         )
+    return root
+
+
+def existing_validation_data(cfg: DictConfig) -> Path:
+    """The directory of `cfg`'s validation shards, which must exist: nothing is generated.
+
+    Raises FileNotFoundError naming the directory and how to make the shards.
+    """
+    from post3r_data import find_shards
+
+    root = data_root(cfg)
+    try:
+        find_shards(root, cfg.dataset.name, "validation")
+    except FileNotFoundError as error:
+        hint = ""
+        if cfg.dataset.name == "synthetic":
+            hint = (
+                " (`uv run apps/train` generates the embedded default's dataset into "
+                f"{default_synthetic_root(cfg)}; --data-dir must name a folder that holds "
+                "synthetic-validation-NNNNNN.tar)"
+            )
+        raise FileNotFoundError(f"{error}{hint}") from None
     return root
 
 

@@ -296,9 +296,12 @@ class VideoDepth(Metric):
 
 
 def rotation_angle_degrees(rotation: Tensor) -> Tensor:
-    """Angle of rotation matrices (..., 3, 3) in degrees."""
-    trace = rotation.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0)))
+    """Angle of rotation matrices (..., 3, 3) in degrees, as atan2(sin, cos): accurate near 0,
+    where arccos of the trace loses half the digits (float32 poses would read ~0.01°)."""
+    cosine = (rotation.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    skew = rotation - rotation.transpose(-1, -2)
+    sine = torch.stack((skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]), -1).norm(dim=-1) / 2
+    return torch.rad2deg(torch.atan2(sine, cosine))
 
 
 def trajectory_errors(prediction: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:

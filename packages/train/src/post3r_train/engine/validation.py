@@ -53,7 +53,7 @@ def evaluate_checkpoint(
             path = find_checkpoint(Path(checkpoint))
             module.load_trainable_state_dict(read_checkpoint(path)["model"], source=str(path))
         metrics = module.make_metrics().to(env.device)
-        values, _ = run_validation(
+        values, skipped = run_validation(
             module,
             metrics,
             val_loader,
@@ -63,6 +63,7 @@ def evaluate_checkpoint(
             visualize_dir=visualize_dir if env.is_main else None,
             progress=trainer.progress_bar and env.is_main,
         )
+        values["val/data_skipped"] = float(skipped)  # corrupt samples the loaders left out
         return values
     finally:
         if own_env:
