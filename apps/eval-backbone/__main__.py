@@ -1,0 +1,8 @@
+"""Video depth and camera metrics of the TTT3R backbone alone, both update rules.
+
+Run from the repository root: `uv run apps/eval-backbone --help`.
+"""
+
+from post3r_train.eval_backbone import main
+
+raise SystemExit(main())
