@@ -10,6 +10,7 @@ import json
 import math
 import resource
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(results))
     print(f"peak memory: {first.memory_kind}")
-    print(PROTOCOL.replace("SIZE", str(args.image_size)))
+    print(textwrap.fill(PROTOCOL.replace("SIZE", str(args.image_size)), width=100))
     if args.output is not None:
         report = {
             "weights": str(weights),
