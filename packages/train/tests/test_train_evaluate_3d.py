@@ -75,9 +75,10 @@ def test_evaluate_fails_clearly_when_nothing_was_evaluated(tmp_path):
     for shard in data.glob("synthetic-validation-*.tar"):
         _corrupt_every_sample(shard)
     output = tmp_path / "report.json"
-    code, _, err = call(
-        evaluate.main, [str(run.run_dir), "--data-dir", str(data), "--output", str(output)]
-    )
+    with pytest.warns(UserWarning, match="skipping unreadable data"):
+        code, _, err = call(
+            evaluate.main, [str(run.run_dir), "--data-dir", str(data), "--output", str(output)]
+        )
     assert code == 1 and "nothing was evaluated" in err and str(data) in err
     assert not output.exists()
 
