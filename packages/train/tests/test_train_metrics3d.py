@@ -354,3 +354,54 @@ def test_rotation_angle_is_accurate_near_zero_and_at_large_angles():
             dtype=torch.float64,
         )
         assert abs(float(rotation_angle_degrees(rotation)) - degrees) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# The model's outputs and the baselines (eval3d)
+
+
+def test_update_3d_metrics_scores_exact_outputs_and_the_baselines_on_a_plane_scene():
+    from post3r_train.eval3d import make_3d_metrics, pixel_rays, update_3d_metrics
+    from post3r_train.geometry import transform_frames
+    from post3r_train.model import PointmapOutput
+
+    size, depth = 8, 3.0
+    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(1, 2, 3, 3)
+    poses = torch.eye(4).repeat(1, 2, 1, 1)
+    poses[0, 1, 0, 3] = 0.5  # the second camera moved sideways
+    points = transform_frames(
+        depth * pixel_rays(intrinsics.double(), (size, size), (size, size)), poses.double()
+    )
+    ids = torch.ones(1, 2, size, size, dtype=torch.long)
+    ids[..., size // 2 :] = 2
+    masks = torch.nn.functional.one_hot(ids - 1, 2).movedim(-1, 2).float()
+    batch = {
+        "pointmap": points.float(),
+        "depth": torch.full((1, 2, size, size), depth),
+        "camera_to_world": poses,
+        "intrinsics": intrinsics,
+        "segmentations": ids,
+    }
+    out = PointmapOutput(
+        prediction=points.float(),
+        pointmap=points.float(),
+        slot_pointmaps=points[:, :, None].expand(-1, -1, 2, -1, -1, -1).float(),
+        masks=masks,
+        scale=torch.ones(1),
+        target=None,
+        camera_to_world=poses,
+    )
+    metrics = make_3d_metrics()
+    update_3d_metrics(metrics, out, batch)
+    values = {}
+    for metric in metrics.values():
+        values.update(metric.compute())
+    assert values["obj3d_num_objects"] == 2 and values["obj3d_chamfer"] < 1e-6
+    assert values["depth_abs_rel_scale"] < 1e-6 and values["camera_ate"] < 1e-6
+    # The scene is a plane at constant depth: the plane baseline is exact too.
+    assert values["baseline_plane_obj3d_chamfer"] < 1e-6
+    assert values["baseline_plane_depth_abs_rel_scale_shift"] < 1e-6
+    # Without object separation every true point is matched but half the slot's points are
+    # on the other object.
+    assert values["baseline_composite_obj3d_completeness"] < 1e-6
+    assert values["baseline_composite_obj3d_accuracy"] > 0.05

@@ -8,8 +8,9 @@ Variants measured (metric name prefixes):
 - `baseline_composite_`: every slot owns every pixel and predicts the model's composite
   pointmap (the model's geometry without object separation);
 - `baseline_plane_`: the model's slot masks, but every slot (and the composite) predicts a
-  plane at constant depth in front of each camera, placed by the same poses (object separation
-  without geometry; needs the shards' intrinsics).
+  plane at one constant depth (the median of the model's composite depth in the video) in front
+  of each camera, placed by the same poses (object separation without geometry; needs the
+  shards' intrinsics).
 """
 
 from __future__ import annotations
@@ -99,13 +100,15 @@ def composite_baseline(out: PointmapOutput) -> Geometry3D:
 
 
 def plane_baseline(out: PointmapOutput, intrinsics: Tensor, true_depth: Tensor) -> Geometry3D:
-    """The model's masks; every pixel at depth 1 in its camera (the alignments then fit the
-    best scale), placed in the first-camera frame by the model's poses. `intrinsics`
-    (B, T, 3, 3) belong to the frames of size `true_depth`'s (H, W)."""
+    """The model's masks; every pixel of a video at one depth in its camera, the median depth
+    of the model's composite in that video (so the plane lives in the poses' scale, which the
+    alignments then fit like the model's), placed in the first-camera frame by the model's
+    poses. `intrinsics` (B, T, 3, 3) belong to the frames of size `true_depth`'s (H, W)."""
     model = model_geometry(out)
     size = model.slot_masks.shape[-2:]
     rays = pixel_rays(intrinsics.double(), tuple(true_depth.shape[-2:]), tuple(size))
-    plane = transform_frames(rays, model.camera_to_world)  # (B, T, h, w, 3) at depth 1
+    depth = camera_depth(model.composite, model.camera_to_world).flatten(1).nanmedian(dim=1)
+    plane = transform_frames(depth.values[:, None, None, None, None] * rays, model.camera_to_world)
     num_slots = model.slot_masks.shape[2]
     slot_points = plane[:, :, None].expand(-1, -1, num_slots, -1, -1, -1)
     return model._replace(composite=plane, slot_points=slot_points)

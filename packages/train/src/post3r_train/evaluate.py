@@ -58,8 +58,9 @@ PROTOCOL = {
     "the alignment), RMSE of translation norm and rotation angle; averaged over videos",
     "baseline_composite": "every slot owns every pixel and predicts the model's composite "
     "pointmap (no object separation)",
-    "baseline_plane": "the model's masks; every pixel at one constant depth in its camera "
-    "(scaled by the same alignments), placed by the same poses",
+    "baseline_plane": "the model's masks; every pixel of a video at one constant depth in its "
+    "camera (the median of the model's composite depth there), placed by the same poses, "
+    "scaled by the same alignments",
 }
 
 
