@@ -5,4 +5,6 @@ Run from the repository root: `uv run apps/eval-backbone --help`.
 
 from post3r_train.eval_backbone import main
 
-raise SystemExit(main())
+# Guarded: worker processes (spawn, DDP) import this file without running the command again.
+if __name__ == "__main__":
+    raise SystemExit(main())

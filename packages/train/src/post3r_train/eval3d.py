@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
 
 from post3r_train.geometry import first_camera_transform, transform_frames, transform_points
 from post3r_train.metrics3d import CameraTrajectory, ObjectReconstruction, VideoDepth
@@ -39,9 +40,9 @@ class Geometry3D(NamedTuple):
     camera_to_world: Tensor  # (B, T, 4, 4), the poses that placed the points
 
 
-def make_3d_metrics() -> dict[str, nn.Module]:
+def make_3d_metrics() -> dict[str, Metric]:
     """Fresh metrics for the model and both baselines, keyed by their collection names."""
-    metrics: dict[str, nn.Module] = {}
+    metrics: dict[str, Metric] = {}
     for prefix in ("", *BASELINES):
         metrics[f"{prefix}obj3d"] = ObjectReconstruction(prefix=prefix)
         metrics[f"{prefix}depth_scale"] = VideoDepth("scale", prefix=prefix)
@@ -56,7 +57,7 @@ def has_3d_truth(batch: Mapping) -> bool:
 
 
 def update_3d_metrics(
-    metrics: Mapping[str, nn.Module], out: PointmapOutput, batch: Mapping
+    metrics: MetricCollection | Mapping[str, Metric], out: PointmapOutput, batch: Mapping
 ) -> None:
     """Update every 3D metric in `metrics` (from `make_3d_metrics`) with one validation batch:
     the pointmap decoder's output `out` against `batch`'s ground truth (`has_3d_truth`, plus
@@ -114,7 +115,7 @@ def plane_baseline(out: PointmapOutput, intrinsics: Tensor, true_depth: Tensor) 
     return model._replace(composite=plane, slot_points=slot_points)
 
 
-def pixel_rays(intrinsics: Tensor, frame_size: tuple[int, int], size: tuple[int, int]) -> Tensor:
+def pixel_rays(intrinsics: Tensor, frame_size: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
     """Camera-frame points at depth 1 (z = 1) through the pixel centres of a (h, w) grid
     covering frames of `frame_size` whose pinhole intrinsics (B, T, 3, 3) use integer pixel
     centres (OpenCV): (B, T, h, w, 3)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from post3r_train.engine.checkpoint import atomic_write_text
+from post3r_train.atomic import atomic_write_text
 from post3r_train.metrics3d import CameraTrajectory, VideoDepth, is_count
 
 RULES = ("cut3r", "ttt3r")

@@ -44,7 +44,7 @@ def _mean(total: Tensor, count: Tensor) -> float:
     return float(total / count) if int(count) > 0 else math.nan
 
 
-def resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_nearest(x: Tensor, size: tuple[int, ...]) -> Tensor:
     """(B, T, H, W, ...) -> (B, T, h, w, ...) by nearest sampling (labels and 3D points keep
     their values: no blending across object boundaries)."""
     if tuple(x.shape[2:4]) == tuple(size):
@@ -146,6 +146,11 @@ class ObjectReconstruction(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    accuracy_sum: Tensor
+    completeness_sum: Tensor
+    objects: Tensor
+    videos: Tensor
+    unscored: Tensor
 
     def __init__(self, prefix: str = "", max_points: int = 4096, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -253,6 +258,10 @@ class VideoDepth(Metric):
 
     is_differentiable = False
     full_state_update = False
+    abs_rel_sum: Tensor
+    within_sum: Tensor
+    pixels: Tensor
+    videos: Tensor
 
     def __init__(
         self,
@@ -344,6 +353,11 @@ class CameraTrajectory(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    ate_sum: Tensor
+    rpe_trans_sum: Tensor
+    rpe_rot_sum: Tensor
+    videos: Tensor
+    skipped: Tensor
 
     def __init__(self, prefix: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
