@@ -172,7 +172,6 @@ def test_a_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 2 else loss), parts
 
-    smoke_run()  # the shared run (made once per process) must not see the failing losses
     monkeypatch.setattr(POST3RModel, "losses", failing)
     code, _, err = run_on_smoke_data(
         tmp_path, "trainer.val_check_interval=100", "trainer.checkpoint_every_n_steps=1"
