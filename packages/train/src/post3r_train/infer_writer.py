@@ -38,10 +38,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import DTypeLike
 from PIL import Image
 from torch import Tensor
 
@@ -59,7 +61,7 @@ class GrowingNpy:
     """A `.npy` file appended one slab at a time along its first axis (length unknown up front):
     rows go straight to disk and the header is rewritten with the final length on `close`."""
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: DTypeLike) -> None:
         self.path, self.row_shape, self.dtype = Path(path), tuple(row_shape), np.dtype(dtype)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.length = 0
@@ -103,7 +105,9 @@ class VideoEncoder:
         self.height, self.width = size[0] // 2 * 2, size[1] // 2 * 2
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         self._container = av.open(str(path), mode="w", format="mp4")
-        self._stream = self._container.add_stream(codec, rate=max(1, round(fps)))
+        self._stream = cast(
+            av.VideoStream, self._container.add_stream(codec, rate=max(1, round(fps)))
+        )
         self._stream.width, self._stream.height = self.width, self.height
         self._stream.pix_fmt = "yuv420p"
 
@@ -215,7 +219,8 @@ class InferWriter:
         self.output = Path(output)
         self.staging = self.output.with_name(f".{self.output.name}.partial-{uuid.uuid4().hex[:8]}")
         self.staging.mkdir(parents=True)
-        self.input_size, self.model_size = tuple(input_size), tuple(model_size)
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.model_size = (int(model_size[0]), int(model_size[1]))
         self.crop = centre_crop_box(*self.input_size)
         self.num_slots, self.fps = num_slots, fps
         self.colors = palette(num_slots)

@@ -120,8 +120,8 @@ def render_video(
         for index, camera in enumerate(
             tqdm(path, desc="render", unit="frame", disable=not progress)
         ):
-            image, _ = splat(points, colors, camera.to(device), focal, size, radius=radius)
-            image = draw_legend(image.cpu().numpy(), names, legend)
+            drawn, _ = splat(points, colors, camera.to(device), focal, size, radius=radius)
+            image = draw_legend(drawn.cpu().numpy(), names, legend)
             encoder.write(image)
             if index % gif_every == 0:
                 gif_frames.append(_small(image))

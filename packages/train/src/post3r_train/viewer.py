@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -337,7 +338,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def start(path: Path, host: str = "127.0.0.1", port: int = 8080) -> tuple[object, SlotViewer]:
+def start(path: Path, host: str = "127.0.0.1", port: int = 8080) -> tuple[Any, SlotViewer]:
     """A running viser server with the scene of OUTPUT `path`."""
     data = load_output(path)  # validate before a port is opened
     viser = import_viser()
