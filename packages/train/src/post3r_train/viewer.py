@@ -384,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     address = f"http://{shown}:{server.get_port()}"
-    print(f"viewing {viewer.data.folder}: open {address} (Ctrl+C stops)", flush=True)
-    try:
+    try:  # entered before the address is printed: a Ctrl+C right after it is still clean
+        print(f"viewing {viewer.data.folder}: open {address} (Ctrl+C stops)", flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
