@@ -64,6 +64,13 @@ def test_smoke_run_writes_mask_images_animations_and_point_clouds():
     points, colors = read_ply(last / "video0_slots.ply")
     assert points.shape[1] == 3 and len(points) == len(colors) > 0
     assert list(last.glob("video0_slot[0-9].ply"))
+    # the first video in the infer layout, for apps/view and apps/render
+    from post3r_train.infer_writer import read_manifest
+
+    manifest = read_manifest(last / "video0")
+    assert manifest["num_frames"] == 3 and manifest["has_points"]
+    with Image.open(last / "masks.png") as still:  # labelled: header and label column
+        assert still.width == 110 + 3 * 128  # 3 frames of 32 px drawn at 128 px
 
 
 def test_frozen_teacher_and_encoder_never_reach_a_checkpoint(tmp_path):

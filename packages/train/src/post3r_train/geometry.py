@@ -32,10 +32,12 @@ def transform_frames(points: Tensor, transform: Tensor) -> Tensor:
     return moved.view(points.shape)
 
 
-def to_first_camera(teacher: TeacherOutput) -> TeacherOutput:
+def to_first_camera(teacher: TeacherOutput, transform: Tensor | None = None) -> TeacherOutput:
     """Express points and poses in the clip's first camera frame (OpenCV axes), the frame TTT3R
-    predicts in: frame 0's pose becomes the identity, whichever teacher produced them."""
-    transform = first_camera_transform(teacher.camera_to_world)
+    predicts in: frame 0's pose becomes the identity, whichever teacher produced them. A given
+    world-to-frame `transform` (B, 4, 4) is used instead (a stream keeps its first clip's)."""
+    if transform is None:
+        transform = first_camera_transform(teacher.camera_to_world)
     points = teacher.pointmap
     if points is not None:
         points = transform_points(points, transform)

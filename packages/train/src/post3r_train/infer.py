@@ -1,42 +1,101 @@
-"""`uv run apps/infer RUN_OR_CKPT INPUT [--output DIR]`: objects in a video.
+"""`uv run apps/infer RUN_OR_CKPT INPUT [--output DIR]`: objects in a video, streamed.
 
-INPUT is a folder of frames (png/jpg/...) or a video file (read with PyAV). Frames are centre-
-cropped to a square and resized to the model's input size, then streamed through the model in
-clips (slots, and the TTT3R state if the run has that teacher, carry over between clips, so
-memory does not grow with the length). Written to DIR (default: INPUT's name + `_post3r`):
-`masks.mp4` (every slot in its colour), `objects/slotK.mp4` (each slot's mask), `overlay.gif`,
-`masks.npy` (slot id per pixel, uint8 (T, H, W)) and `points/slotK.ply` + `points/slots.ply`
-(each slot's 3D points over the whole video).
+INPUT is a folder of frames (png/jpg/..., sorted by name) or a video file (read with PyAV).
+Frames are decoded one at a time, centre-cropped to a square and resized to the model's input
+size (the model is built for one square size: it cannot take the video's aspect ratio), and
+streamed through the model in clips: slots, and the TTT3R state if the run has that teacher,
+carry over between clips, so points and cameras of the whole video share one world frame (the
+first frame's camera). Every output is written as frames arrive (see `post3r_train.infer_writer`
+for the layout, `manifest.json` v1): peak memory does not grow with the video's length.
+Everything is validated before any work; the output folder appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
-from post3r_train.atomic import atomic_write
 from post3r_train.config import ConfigError
-from post3r_train.visualize import (
-    overlay,
-    palette,
-    save_gif,
-    slot_clouds,
-    upscale,
-    write_point_clouds,
-)
+from post3r_train.infer_writer import InferWriter, check_output_folder
+from post3r_train.teacher import TTT3RTeacher
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def read_frames(source: Path, max_frames: int | None = None, stride: int = 1) -> list[Image.Image]:
-    """RGB frames of a folder of images (sorted by name) or of a video file."""
+class InputError(ValueError):
+    """The frames cannot be read (named, with what to do)."""
+
+
+@dataclass
+class FrameSource:
+    """Frames of a folder or video, decoded lazily: `size` (H, W) of the first frame, `count`
+    when known up front (None for a video whose container does not say)."""
+
+    path: Path
+    size: tuple[int, int]
+    count: int | None
+    max_frames: int | None
+    stride: int
+    images: list[Path] | None = None  # a folder's selected files
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """uint8 (H, W, 3) frames; a frame of another size is resized to `size` (warned once)."""
+        frames = self._folder() if self.images is not None else self._video()
+        warned = False
+        for name, image in frames:
+            if image.size != (self.size[1], self.size[0]):
+                if not warned:
+                    warnings.warn(
+                        f"{name} is {image.width}x{image.height} but the first frame is "
+                        f"{self.size[1]}x{self.size[0]}: such frames are resized to the first "
+                        "frame's size (masks.npy keeps one size)",
+                        stacklevel=2,
+                    )
+                    warned = True
+                image = image.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC)
+            yield np.asarray(image.convert("RGB"))
+
+    def _folder(self) -> Iterator[tuple[str, Image.Image]]:
+        assert self.images is not None
+        for path in self.images:
+            try:
+                with Image.open(path) as image:
+                    yield path.name, image.convert("RGB")
+            except (OSError, UnidentifiedImageError, ValueError) as error:
+                raise InputError(
+                    f"{path}: not a readable image ({error}); remove or replace it"
+                ) from error
+
+    def _video(self) -> Iterator[tuple[str, Image.Image]]:
+        import av
+
+        kept = 0
+        try:
+            with av.open(str(self.path)) as container:
+                for index, frame in enumerate(container.decode(video=0)):
+                    if index % self.stride:
+                        continue
+                    yield f"frame {index}", frame.to_image()
+                    kept += 1
+                    if self.max_frames is not None and kept >= self.max_frames:
+                        return
+        except (av.error.FFmpegError, IndexError) as error:
+            raise InputError(f"{self.path}: not a readable video ({error})") from error
+
+
+def open_frames(source: Path, max_frames: int | None = None, stride: int = 1) -> FrameSource:
+    """Check INPUT and read only what is needed to know its frame size and count: every image
+    header of a folder (a file that is no image fails here, before any work), a video's first
+    frame."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such folder of frames or video file")
@@ -46,108 +105,122 @@ def read_frames(source: Path, max_frames: int | None = None, stride: int = 1) ->
             raise FileNotFoundError(
                 f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
-        frames = [Image.open(p).convert("RGB") for p in paths[::stride][:max_frames]]
-    else:
-        frames = _read_video(source, max_frames, stride)
-    if not frames:
-        raise ValueError(f"{source}: no frames could be read")
-    return frames
+        paths = paths[::stride][:max_frames]
+        sizes = {}
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    sizes[path] = image.size
+            except (OSError, UnidentifiedImageError) as error:
+                raise InputError(
+                    f"{path}: not a readable image ({error}); remove or replace it"
+                ) from error
+        width, height = sizes[paths[0]]
+        others = sorted({f"{w}x{h}" for w, h in sizes.values()} - {f"{width}x{height}"})
+        if others:
+            warnings.warn(
+                f"{source}: frames of other sizes ({', '.join(others)}) than the first "
+                f"({width}x{height}) are resized to it",
+                stacklevel=2,
+            )
+        return FrameSource(source, (height, width), len(paths), max_frames, stride, paths)
+    return _open_video(source, max_frames, stride)
 
 
-def _read_video(path: Path, max_frames: int | None, stride: int) -> list[Image.Image]:
+def _open_video(path: Path, max_frames: int | None, stride: int) -> FrameSource:
     import av
 
-    frames: list[Image.Image] = []
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index % stride == 0:
-                    frames.append(frame.to_image().convert("RGB"))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
+            if not container.streams.video:
+                raise InputError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            first = next(container.decode(video=0), None)
+            total = stream.frames or None
     except (av.error.FFmpegError, IndexError) as error:
-        raise ValueError(f"{path}: not a readable video ({error})") from error
-    return frames
+        raise InputError(f"{path}: not a readable video ({error})") from error
+    if first is None:
+        raise InputError(f"{path}: no frames could be read")
+    count = None if total is None else -(-total // stride)
+    if count is not None and max_frames is not None:
+        count = min(count, max_frames)
+    return FrameSource(path, (first.height, first.width), count, max_frames, stride)
 
 
-def to_tensor(frames: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+def to_tensor(frames: Sequence[np.ndarray | Image.Image], size: tuple[int, int]) -> torch.Tensor:
     """Centre square crop, resize to `size` (H, W): (T, 3, H, W) float in [0, 1]."""
     out = []
-    for image in frames:
+    for frame in frames:
+        image = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
         image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
     return torch.stack(out).float() / 255
 
 
+def clips(frames: Iterator[np.ndarray], chunk: int) -> Iterator[list[np.ndarray]]:
+    clip: list[np.ndarray] = []
+    for frame in frames:
+        clip.append(frame)
+        if len(clip) == chunk:
+            yield clip
+            clip = []
+    if clip:
+        yield clip
+
+
 @torch.no_grad()
-def run_model(model, frames: torch.Tensor, chunk: int, device: torch.device) -> dict:
-    """Stream (T, 3, H, W) through the model in clips of `chunk` frames. Returns
-    `<decoder>_image_masks` (T, K, H, W) per decoder and, with the pointmap decoder, its
-    slot_pointmaps (T, K, h, w, 3) and pointmap_masks (T, K, h, w)."""
-    previous, state, pieces = None, None, []
-    for start in range(0, len(frames), chunk):
-        batch = {"frames": frames[None, start : start + chunk].to(device)}
-        out = model(batch, previous_slots=previous, teacher_state=state, targets=False)
-        previous, state = out.predicted_slots[:, -1], out.teacher_state
-        masks = model.image_masks(out, model.image_size).by_decoder()
-        piece = {f"{key}_image_masks": value[0].cpu() for key, value in masks.items()}
-        if out.pointmap is not None:
-            piece["slot_pointmaps"] = out.pointmap.slot_pointmaps[0].cpu()
-            piece["pointmap_masks"] = out.pointmap.masks[0].cpu()
-        pieces.append(piece)
-    return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
-
-
-def save_video(path: Path, frames: np.ndarray, fps: float) -> Path:
-    """uint8 (T, H, W, 3) -> H.264 (or MPEG-4) video, atomically."""
-    import av
-
-    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-    def write(file: IO[bytes]) -> None:
-        with av.open(file, mode="w", format="mp4") as container:
-            stream = cast(av.VideoStream, container.add_stream(codec, rate=max(1, round(fps))))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for image in frames[:, :height, :width]:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
-
-    return atomic_write(path, write, make_parents=True)
-
-
-def _enlarge(images: np.ndarray) -> np.ndarray:
-    return upscale(images, min_side=256)  # outputs are watched on their own: larger than visuals
-
-
-def write_outputs(frames: torch.Tensor, result: dict, output: Path, fps: float) -> list[Path]:
-    masks = result.get("feature_image_masks", result.get("pointmap_image_masks"))
-    if masks is None:
-        raise ValueError("the model returned no masks (it has neither decoder)")
-    ids = masks.argmax(1).numpy().astype(np.uint8)  # (T, H, W)
-    colors = palette(masks.shape[1])
-    paths = [save_video(output / "masks.mp4", _enlarge(colors[ids]), fps)]
-    for k in np.unique(ids):
-        binary = np.repeat((ids == k)[..., None] * np.uint8(255), 3, axis=-1)
-        paths.append(save_video(output / "objects" / f"slot{k}.mp4", _enlarge(binary), fps))
-    paths.append(save_gif(output / "overlay.gif", list(_enlarge(overlay(frames, masks))), fps))
-    paths.append(
-        atomic_write(output / "masks.npy", lambda file: np.save(file, ids), make_parents=True)
+def stream(
+    model,
+    source: FrameSource,
+    writer: InferWriter,
+    chunk: int,
+    device: torch.device,
+    progress: bool = True,
+) -> int:
+    """Run the model over `source` clip by clip, handing each clip's outputs to `writer`; the
+    number of frames."""
+    previous, state = None, None
+    mask_key = "feature" if model.feature_decoder is not None else "pointmap"
+    camera_source = "ttt3r" if isinstance(model.teacher, TTT3RTeacher) else "none"
+    bar = tqdm(
+        total=source.count, unit="frame", desc="infer", disable=not progress, dynamic_ncols=True
     )
-    if "slot_pointmaps" in result:
-        clouds = slot_clouds(frames, result["slot_pointmaps"], result["pointmap_masks"])
-        paths += write_point_clouds(output / "points", "video", clouds)
-    return paths
+    count = 0
+    for images in clips(iter(source), chunk):
+        frames = to_tensor(images, model.image_size)
+        out = model(
+            {"frames": frames[None].to(device)},
+            previous_slots=previous,
+            teacher_state=state,
+            targets=False,
+        )
+        previous, state = out.predicted_slots[:, -1], out.teacher_state
+        masks = model.image_masks(out, model.image_size).by_decoder()[mask_key][0].cpu()
+        points = None
+        if out.pointmap is not None:
+            points = {
+                "slot_pointmaps": out.pointmap.slot_pointmaps[0].cpu(),
+                "pointmap_masks": out.pointmap.masks[0].cpu(),
+            }
+            target = out.pointmap.target
+            if target is not None and target.confidence is not None:
+                points["pointmap_confidence"] = target.confidence[0].cpu()
+        poses = None if out.camera_to_world is None else out.camera_to_world[0].cpu()
+        writer.add_clip(images, frames, masks, points, poses, camera_source)
+        count += len(images)
+        bar.update(len(images))
+    bar.close()
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apps/infer",
-        description="Per-object masks (videos, GIF) and 3D point clouds (PLY) for a video.",
+        description="Per-object masks (videos, masks.npy), per-slot 3D point clouds (PLY) and "
+        "cameras for a video, in the layout apps/view and apps/render read.",
     )
     parser.add_argument("run", type=Path, metavar="RUN_OR_CKPT", help="run directory or .ckpt")
     parser.add_argument("input", type=Path, metavar="INPUT", help="folder of frames or video")
@@ -155,28 +228,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frames", type=int, default=None, help="at most this many frames")
     parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
     parser.add_argument("--chunk-size", type=int, default=8, help="frames per clip")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the outputs")
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the output videos")
+    parser.add_argument(
+        "--points-per-frame", type=int, default=4096, help="points kept per frame for the viewer"
+    )
+    parser.add_argument(
+        "--max-points-per-slot",
+        type=int,
+        default=200_000,
+        help="each slot's whole-video cloud is a uniform sample of at most this many points",
+    )
     parser.add_argument("--config", help="config to use instead of the run's config.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every numeric argument, before anything is read or written."""
+    positive = {
+        "--stride": args.stride,
+        "--chunk-size": args.chunk_size,
+        "--points-per-frame": args.points_per_frame,
+        "--max-points-per-slot": args.max_points_per_slot,
+    }
+    if args.max_frames is not None:
+        positive["--max-frames"] = args.max_frames
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value}")
+    if not (args.fps > 0 and np.isfinite(args.fps)):
+        raise ValueError(f"--fps must be a positive number of frames per second, got {args.fps}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from post3r_train.runs import load_run
 
+    writer = None
     try:
-        if args.stride < 1 or args.chunk_size < 1:
-            raise ValueError("--stride and --chunk-size must be >= 1")
+        check_arguments(args)
+        output = args.output or args.input.with_name(f"{args.input.stem}_post3r")
+        source = open_frames(args.input, args.max_frames, args.stride)
+        check_output_folder(output)
         _, model, checkpoint = load_run(args.run, config=args.config)
         device = torch.device(args.device)
         model.to(device)
-        frames = to_tensor(read_frames(args.input, args.max_frames, args.stride), model.image_size)
-        result = run_model(model, frames, args.chunk_size, device)
-        output = args.output or args.input.with_name(f"{args.input.stem}_post3r")
-        paths = write_outputs(frames, result, output, args.fps)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        writer = InferWriter(
+            output,
+            input_size=source.size,
+            model_size=model.image_size,
+            num_slots=model.num_slots,
+            fps=args.fps,
+            source=str(args.input),
+            checkpoint=str(checkpoint),
+            mask_decoder="feature" if model.feature_decoder is not None else "pointmap",
+            points_per_frame=args.points_per_frame,
+            max_points_per_slot=args.max_points_per_slot,
+        )
+        count = stream(model, source, writer, args.chunk_size, device, progress=not args.quiet)
+        paths = writer.finish()
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as error:
+        if writer is not None:
+            writer.abort()
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{len(frames)} frames through {checkpoint}; wrote {len(paths)} files to {output}")
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.abort()
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    print(f"{count} frames through {checkpoint}; wrote {len(paths)} files to {output}")
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,12 @@ from post3r_train.batch import Batch
 from post3r_train.config import LossConfig
 from post3r_train.encoders import EncoderOutput
 from post3r_train.engine import TrainModule
-from post3r_train.geometry import resize_nearest, to_first_camera, transform_frames
+from post3r_train.geometry import (
+    first_camera_transform,
+    resize_nearest,
+    to_first_camera,
+    transform_frames,
+)
 from post3r_train.losses import total_loss
 from post3r_train.metrics import ImageMasks, image_masks, make_metrics, update_metrics
 from post3r_train.teacher import (
@@ -40,6 +45,15 @@ from post3r_train.teacher import (
     clip_scale,
     pose_features,
 )
+
+
+class StreamState(NamedTuple):
+    """What a video streamed in clips carries from clip to clip besides the slots (the model's
+    `teacher_state`): the backbone's state and the world-to-first-camera transform (B, 4, 4) of
+    the stream's first clip, so every clip's points and poses share one world frame."""
+
+    backbone: Any
+    world_to_first: Tensor
 
 
 @dataclass
@@ -93,6 +107,7 @@ class ModelOutput:
     teacher_state: Any
     feature: FeatureOutput | None
     pointmap: PointmapOutput | None
+    camera_to_world: Tensor | None = None  # (B, T, 4, 4) the teacher's poses (infer writes them)
 
 
 @dataclass
@@ -207,6 +222,7 @@ class POST3RModel(TrainModule):
             teacher_state=None if teacher is None else teacher.state,
             feature=feature,
             pointmap=pointmap,
+            camera_to_world=None if teacher is None else teacher.camera_to_world,
         )
 
     def _teacher(self, batch: Batch, state: Any, targets: bool) -> TeacherOutput | None:
@@ -216,8 +232,14 @@ class POST3RModel(TrainModule):
             frames = batch["frames"]
             eye = torch.eye(4, device=frames.device).expand(*frames.shape[:2], 4, 4)
             return TeacherOutput(None, None, eye)
-        out = self.teacher(batch, state)
-        return to_first_camera(out) if state is None else out  # a stream keeps its first frame
+        # A stream stays in its first frame's camera: later clips reuse the first clip's transform.
+        stream = state if isinstance(state, StreamState) else None
+        out = self.teacher(batch, stream.backbone if stream is not None else state)
+        transform = stream.world_to_first if stream is not None else None
+        if transform is None:
+            transform = first_camera_transform(out.camera_to_world)
+        out = to_first_camera(out, transform)
+        return out if out.state is None else out._replace(state=StreamState(out.state, transform))
 
     def _encode(self, frames: Tensor, teacher: TeacherOutput | None) -> EncoderOutput:
         if self.encoder is not None:
@@ -318,12 +340,16 @@ class POST3RModel(TrainModule):
         from post3r_train.visualize import write_validation_visuals
 
         pointmap = outputs.model.pointmap
+        target = None if pointmap is None else pointmap.target
         write_validation_visuals(
             batch["frames"],
             outputs.image_masks.by_decoder(),
             Path(directory),
             slot_pointmaps=None if pointmap is None else pointmap.slot_pointmaps,
             pointmap_masks=None if pointmap is None else pointmap.masks,
+            segmentations=batch.get("segmentations"),
+            camera_to_world=outputs.model.camera_to_world,
+            confidence=None if target is None else target.confidence,
         )
 
 

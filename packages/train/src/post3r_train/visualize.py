@@ -77,6 +77,12 @@ def save_gif(path: Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path
 
 def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarray) -> Path:
     """Binary little-endian PLY with float32 xyz and uint8 rgb per vertex."""
+    payload = ply_payload(points, colors)
+    return atomic_write(path, lambda file: file.write(payload), make_parents=True)
+
+
+def ply_payload(points: Tensor | np.ndarray, colors: Tensor | np.ndarray) -> bytes:
+    """The bytes of `save_ply`'s file: finite points only; colours uint8 or floats in [0, 1]."""
     xyz = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, np.float32)
     rgb = colors.detach().cpu().numpy() if isinstance(colors, Tensor) else np.asarray(colors)
     if rgb.dtype != np.uint8:
@@ -104,12 +110,7 @@ def save_ply(path: Path, points: Tensor | np.ndarray, colors: Tensor | np.ndarra
         "property float x\nproperty float y\nproperty float z\n"
         "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
     )
-
-    def write(file: IO[bytes]) -> None:
-        file.write(header.encode("ascii"))
-        file.write(vertex.tobytes())
-
-    return atomic_write(path, write, make_parents=True)
+    return header.encode("ascii") + vertex.tobytes()
 
 
 def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +160,6 @@ def write_point_clouds(
     return paths
 
 
-def mask_panels(frames: Tensor, masks: Mapping[str, Tensor]) -> np.ndarray:
-    """One video as (T, H', W', 3): per frame the input, then one overlay per decoder."""
-    columns = [_to_uint8(frames)] + [overlay(frames, m) for m in masks.values()]
-    return upscale(np.concatenate(columns, axis=2))
-
-
 def write_validation_visuals(
     frames: Tensor,
     masks: Mapping[str, Tensor],
@@ -172,30 +167,84 @@ def write_validation_visuals(
     *,
     slot_pointmaps: Tensor | None = None,
     pointmap_masks: Tensor | None = None,
+    segmentations: Tensor | None = None,
+    camera_to_world: Tensor | None = None,
+    confidence: Tensor | None = None,
     max_videos: int = 4,
     max_frames: int = 8,
 ) -> list[Path]:
-    """`masks.png` (rows: videos; per frame the input and each decoder's mask overlay),
-    `masks.gif` (the same, animated over time) and per-slot PLY clouds of the first video.
+    """`masks.png` and `masks.gif` (labelled grids, layout in `post3r_train.panels`), per-slot
+    PLY clouds of the first video, and the first video in the infer output layout (`video0/`,
+    see `post3r_train.infer_writer`) for `apps/view` and `apps/render`.
 
     frames: (B, T, 3, H, W) in [0, 1] or uint8; masks: {decoder name: (B, T, K, H, W)};
-    slot_pointmaps (B, T, K, h, w, 3) and pointmap_masks (B, T, K, h, w) for the clouds.
+    slot_pointmaps (B, T, K, h, w, 3) and pointmap_masks (B, T, K, h, w) for the clouds;
+    segmentations (B, T, H', W') ground-truth ids; camera_to_world (B, T, 4, 4) the poses the
+    points were placed with; confidence (B, T, h, w) the teacher's.
     """
+    from post3r_train.panels import labelled_animation, labelled_still, video_rows
+
     if frames.dtype == torch.uint8:
         frames = frames.float() / 255
     if not masks:
         return []
-    videos = min(max_videos, frames.shape[0])
-    panels = [mask_panels(frames[b], {k: m[b] for k, m in masks.items()}) for b in range(videos)]
-    animation = [
-        np.concatenate([panel[t] for panel in panels], axis=0) for t in range(frames.shape[1])
-    ]
-    shown = min(max_frames, frames.shape[1])
-    still = np.concatenate(
-        [np.concatenate(list(panel[:shown]), axis=1) for panel in panels], axis=0
-    )
-    paths = [save_png(directory / "masks.png", still), save_gif(directory / "masks.gif", animation)]
+    points = None
     if slot_pointmaps is not None and pointmap_masks is not None:
-        clouds = slot_clouds(frames[0], slot_pointmaps[0], pointmap_masks[0])
+        points = (slot_pointmaps, pointmap_masks)
+    videos = [
+        video_rows(
+            frames[b],
+            {k: m[b] for k, m in masks.items()},
+            None if segmentations is None else segmentations[b],
+            None if points is None else (points[0][b], points[1][b]),
+        )
+        for b in range(min(max_videos, frames.shape[0]))
+    ]
+    paths = [
+        save_png(directory / "masks.png", labelled_still(videos, max_frames)),
+        save_gif(directory / "masks.gif", labelled_animation(videos)),
+    ]
+    first = None
+    if points is not None:
+        clouds = slot_clouds(frames[0], points[0][0], points[1][0])
         paths += write_point_clouds(directory, "video0", clouds)
+        first = {"slot_pointmaps": points[0][0], "pointmap_masks": points[1][0]}
+        if confidence is not None:
+            first["pointmap_confidence"] = confidence[0]
+    poses = None if camera_to_world is None else camera_to_world[0]
+    paths += _write_video_layout(frames[0], masks, first, poses, directory / "video0")
     return paths
+
+
+def _write_video_layout(
+    frames: Tensor,
+    masks: Mapping[str, Tensor],
+    points: dict[str, Tensor] | None,
+    poses: Tensor | None,
+    folder: Path,
+) -> list[Path]:
+    from post3r_train.infer_writer import InferWriter
+
+    decoder = "feature" if "feature" in masks else next(iter(masks))
+    soft = masks[decoder][0].detach().float().cpu()
+    height, width = frames.shape[-2:]
+    writer = InferWriter(
+        folder,
+        input_size=(height, width),
+        model_size=(height, width),
+        num_slots=soft.shape[1],
+        fps=4.0,
+        source="validation batch, video 0",
+        checkpoint="",
+        mask_decoder=decoder,
+    )
+    try:
+        if points is not None:
+            points = {key: value.detach().float().cpu() for key, value in points.items()}
+        cpu_poses = None if poses is None else poses.detach().float().cpu()
+        images = list(_to_uint8(frames))
+        writer.add_clip(images, frames.detach().float().cpu(), soft, points, cpu_poses, "teacher")
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
