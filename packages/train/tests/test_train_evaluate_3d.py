@@ -4,6 +4,7 @@ error when nothing was evaluated, and no data generated where it was pointed."""
 import io
 import json
 import math
+import os
 import shutil
 import sys
 import tarfile
@@ -42,6 +43,20 @@ def test_evaluate_reports_3d_metrics_baselines_and_counts(tmp_path):
     assert metrics["val/camera_ate"] < 1e-5 and metrics["val/camera_rpe_rot"] < 1e-3
     assert "3D, same videos" in out and "object Chamfer" in out and "evaluated 2 videos" in out
     assert set(report["protocol_3d"]) >= {"obj3d", "depth", "camera"}
+
+
+def test_evaluate_into_an_unwritable_place_is_one_line(tmp_path):
+    if os.geteuid() == 0:
+        output = Path("/proc/post3r-cannot-write-here/report.json")  # root ignores permissions
+    else:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        output = folder / "report.json"
+    code, out, err = call(evaluate.main, [str(smoke_run().run_dir), "--output", str(output)])
+    assert code == 1 and "Traceback" not in err
+    assert "evaluated 2 videos" in out  # the table was printed before the write failed
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "check the path and its permissions" in last
 
 
 def test_evaluate_never_generates_data_for_a_missing_folder(tmp_path):

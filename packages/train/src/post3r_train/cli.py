@@ -20,10 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from post3r_backbone.errors import BackboneError
-from post3r_data.errors import DataError
 from post3r_train.config import ConfigError, load_config, optim_config, resolved, trainer_config
-from post3r_train.errors import TrainError
+from post3r_train.console import CONSOLE_ERRORS, report_error
 from post3r_train.runs import run_config_path
 
 if TYPE_CHECKING:  # the engine (torch.distributed) is imported when a run starts
@@ -33,17 +31,6 @@ log = logging.getLogger("post3r_train")
 
 DEFAULT_LOG_DIR = Path("outputs")
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl+C
-# Every error class the packages raise on purpose, and the OS's (a read-only or full disk, a
-# missing file), is one line on the console with no traceback (-v shows it).
-CONSOLE_ERRORS: tuple[type[Exception], ...] = (
-    TrainError,
-    DataError,
-    BackboneError,
-    OSError,
-    ValueError,
-    KeyError,
-    RuntimeError,
-)
 HEADLINE = ("ari", "mbo", "image_ari", "image_mbo", "pointmap_ari", "pointmap_mbo")
 
 
@@ -148,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CONSOLE_ERRORS as error:
         if args.verbose:
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 1
+        return report_error(error)
 
 
 def _check_resumable(resume: Path) -> None:
@@ -161,15 +147,6 @@ def _check_resumable(resume: Path) -> None:
     run = run_dir_of_checkpoint(engine.find_checkpoint(resume))
     if run is not None:
         check_unlocked(run.root)
-
-
-def _one_line(error: BaseException) -> str:
-    """The message of an error for the console (a KeyError's repr would add quotes)."""
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror} (check the path and its permissions)"
-    return str(error)
 
 
 def train(cfg: DictConfig, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from post3r_train.atomic import atomic_write_text
+from post3r_train.console import CONSOLE_ERRORS, report_error
 from post3r_train.metrics3d import CameraTrajectory, VideoDepth, is_count
 
 RULES = ("cut3r", "ttt3r")
@@ -191,9 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shards = find_shards(args.data_dir, args.dataset, args.split)
         model = build_backbone(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except CONSOLE_ERRORS as error:
+        return report_error(error)
     fields = ("depth", "camera_to_world")
 
     def videos():
@@ -244,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for rule, r in results.items()
             },
         }
-        atomic_write_text(args.output, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        try:
+            atomic_write_text(args.output, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        except OSError as error:  # a read-only or full disk: the table above is still on screen
+            return report_error(error)
         print(f"written: {args.output}")
     return 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from post3r_train.atomic import atomic_write_text
-from post3r_train.config import ConfigError, trainer_config
+from post3r_train.config import trainer_config
+from post3r_train.console import CONSOLE_ERRORS, report_error
 from post3r_train.metrics3d import is_count
 
 DESCRIPTIONS = {
@@ -209,9 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(
             values, checkpoint=checkpoint, dataset=cfg.dataset.name, data_dir=root
         )
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except CONSOLE_ERRORS as error:
+        return report_error(error)
     metrics, counts = report["metrics"], report["counts"]
     print(f"{checkpoint} on {cfg.dataset.name} validation ({root})")
     print(
@@ -224,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_3d_table(metrics, counts))
     output = args.output or checkpoint.with_name(f"eval-{checkpoint.stem}.json")
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_text(Path(output), text + "\n")
+    try:
+        atomic_write_text(Path(output), text + "\n")
+    except OSError as error:  # a read-only or full disk: the table above is still on screen
+        return report_error(error)
     print(f"written: {output}")
     return 0

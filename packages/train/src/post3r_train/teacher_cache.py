@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from post3r_train.config import ConfigError, load_config
+from post3r_train.console import CONSOLE_ERRORS, report_error
 from post3r_train.errors import TeacherCacheError
 
 log = logging.getLogger("post3r_train")
@@ -482,9 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet and rank == 0,
         )
-    except (TeacherCacheError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except CONSOLE_ERRORS as error:
+        return report_error(error)
     who = f"rank {rank}/{world_size}: " if world_size > 1 else ""
     print(f"{who}{summary.describe()} into {output}")
     return 0
