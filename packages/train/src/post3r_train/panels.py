@@ -19,27 +19,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from post3r_train.render import orbit_cameras, scene_bounds, splat
-from post3r_train.visualize import overlay, palette
+from post3r_train.visualize import overlay, palette, to_uint8
 
 CELL = 128  # pixels of one panel's longer side
 LABEL_WIDTH = 110
 HEADER = 16
 TEXT = (235, 235, 235)
 PAPER = (16, 16, 20)
-
-
-def _uint8(frames: Tensor) -> np.ndarray:
-    return (
-        frames.detach()
-        .float()
-        .cpu()
-        .clamp(0, 1)
-        .permute(0, 2, 3, 1)
-        .mul(255)
-        .round()
-        .byte()
-        .numpy()
-    )
 
 
 def ground_truth_panels(segmentations: Tensor) -> np.ndarray:
@@ -85,7 +71,7 @@ def video_rows(
 ) -> list[tuple[str, np.ndarray]]:
     """The labelled rows of one video: [(label, (T, H, W, 3) uint8)]."""
     height, width = frames.shape[-2:]
-    rows = [("input", _uint8(frames))]
+    rows = [("input", to_uint8(frames))]
     rows += [(f"{name} masks", overlay(frames, m)) for name, m in masks.items()]
     if segmentations is not None:
         gt = ground_truth_panels(segmentations)

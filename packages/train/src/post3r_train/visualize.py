@@ -36,7 +36,8 @@ def overlay(frames: Tensor, masks: Tensor, alpha: float = 0.55) -> np.ndarray:
     return ((1 - alpha) * image + alpha * tint).mul(255).round().byte().numpy()
 
 
-def _to_uint8(frames: Tensor) -> np.ndarray:
+def to_uint8(frames: Tensor) -> np.ndarray:
+    """(T, 3, H, W) floats in [0, 1] -> (T, H, W, 3) uint8 images."""
     return (
         frames.detach()
         .float()
@@ -242,7 +243,7 @@ def _write_video_layout(
         if points is not None:
             points = {key: value.detach().float().cpu() for key, value in points.items()}
         cpu_poses = None if poses is None else poses.detach().float().cpu()
-        images = list(_to_uint8(frames))
+        images = list(to_uint8(frames))
         writer.add_clip(images, frames.detach().float().cpu(), soft, points, cpu_poses, "teacher")
         return writer.finish()
     except BaseException:
