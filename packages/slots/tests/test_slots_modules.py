@@ -98,6 +98,20 @@ def test_fixed_learned_init_is_shared_and_deterministic():
     torch.testing.assert_close(init(3), slots)
 
 
+def test_fixed_learned_init_noise_only_in_training_with_the_given_std():
+    torch.manual_seed(0)
+    init = FixedLearnedInit(4, DS, noise_std=0.01)
+    noisy = init(256)
+    deviation = noisy - init.slots
+    assert 0.009 < float(deviation.std()) < 0.011  # one draw per (sample, slot, channel)
+    noisy.sum().backward()  # the noise is added, the learned slots still get the gradient
+    assert init.slots.grad is not None and bool((init.slots.grad == 256).all())
+    init.eval()
+    torch.testing.assert_close(init(3), init.slots.expand(3, -1, -1))
+    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+        FixedLearnedInit(4, DS, noise_std=-1.0)
+
+
 def test_gaussian_init_samples_in_training_and_is_repeatable_in_eval():
     init = GaussianInit(4, DS)
     first, second = init(2), init(2)

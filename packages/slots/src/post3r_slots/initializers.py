@@ -15,20 +15,33 @@ class FixedLearnedInit(nn.Module):
     """One learned vector per slot, the same for every sample (SlotContrast's choice).
 
     Deterministic, so slot k means the same thing in every video; the slot count is fixed by
-    the parameter shape.
+    the parameter shape. `noise_std` > 0 adds Gaussian noise of that std per (sample, slot) in
+    training mode only (POST3R's learned embedding + N(0, 0.01²)); eval mode stays deterministic.
     """
 
-    def __init__(self, num_slots: int, slot_dim: int, initial_std: float | None = None) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        slot_dim: int,
+        initial_std: float | None = None,
+        *,
+        noise_std: float = 0.0,
+    ) -> None:
         super().__init__()
         check_at_least_one(num_slots, "num_slots")
         check_at_least_one(slot_dim, "slot_dim")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         std = slot_dim**-0.5 if initial_std is None else initial_std
-        self.num_slots, self.slot_dim = num_slots, slot_dim
+        self.num_slots, self.slot_dim, self.noise_std = num_slots, slot_dim, noise_std
         self.slots = nn.Parameter(torch.randn(num_slots, slot_dim) * std)
 
     def forward(self, batch_size: int) -> torch.Tensor:
         """Return (batch_size, K, Ds)."""
-        return self.slots.expand(batch_size, -1, -1)
+        slots = self.slots.expand(batch_size, -1, -1)
+        if self.training and self.noise_std > 0:
+            slots = slots + self.noise_std * torch.randn_like(slots)
+        return slots
 
 
 class GaussianInit(nn.Module):

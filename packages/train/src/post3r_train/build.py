@@ -18,6 +18,7 @@ from post3r_slots import (
     GaussianInit,
     MLPDecoder,
     PointmapDecoder,
+    RecurrentSlotCorrector,
     SlotAttention,
     SlotVideoProcessor,
     TransformerPredictor,
@@ -67,7 +68,7 @@ def build_parts(cfg: DictConfig) -> ModelParts:
         teacher=teacher,
         encoder=encoder,
         input_projection=build_input_projection(m, feature_dim),
-        processor=build_processor(m),
+        processor=build_processor(m, grid),
         feature_decoder=feature_decoder,
         pointmap_decoder=pointmap_decoder,
         image_size=image_size,
@@ -137,9 +138,29 @@ def build_input_projection(m: DictConfig, feature_dim: int) -> nn.Module:
     )
 
 
-def build_processor(m: DictConfig) -> SlotVideoProcessor:
-    """Initialiser, slot attention (the corrector) and predictor, scanned over time."""
-    corrector = SlotAttention(
+def build_processor(m: DictConfig, grid: tuple[int, int]) -> SlotVideoProcessor:
+    """Initialiser, grouper (the corrector) and predictor, scanned over time."""
+    return SlotVideoProcessor(
+        build_initializer(m),
+        build_grouper(m, grid),
+        build_predictor(m),
+        detach_between_frames=m.slots.detach_between_frames,
+    )
+
+
+def build_grouper(m: DictConfig, grid: tuple[int, int]) -> nn.Module:
+    """`model.slots.grouper`: slot attention, or POST3R's recurrent corrector (its blocks are
+    `model.num_iterations`, the reference's key; `grid` gives its patches' RoPE positions)."""
+    if m.slots.grouper == "recurrent":
+        return RecurrentSlotCorrector(
+            m.slot_dim,
+            m.slot_dim,
+            num_blocks=m.num_iterations,
+            num_heads=m.slots.heads,
+            grid_size=grid,
+            detach_gate=m.slots.detach_gate,
+        )
+    return SlotAttention(
         m.slot_dim,
         m.slot_dim,
         iterations=m.num_iterations,
@@ -147,13 +168,12 @@ def build_processor(m: DictConfig) -> SlotVideoProcessor:
         mlp_hidden_dim=m.slots.mlp_hidden_dim,
         implicit_gradient=m.slots.implicit_gradient,
     )
-    return SlotVideoProcessor(build_initializer(m), corrector, build_predictor(m))
 
 
 def build_initializer(m: DictConfig) -> nn.Module:
     if m.slots.initializer == "gaussian":
         return GaussianInit(m.num_slots, m.slot_dim)
-    return FixedLearnedInit(m.num_slots, m.slot_dim)
+    return FixedLearnedInit(m.num_slots, m.slot_dim, noise_std=m.slots.init_noise_std)
 
 
 def build_predictor(m: DictConfig) -> nn.Module | None:

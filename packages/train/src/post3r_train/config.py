@@ -32,6 +32,7 @@ POSITION_EMBEDDINGS = ("learned", "fourier")
 POINTMAP_FRAMES = ("world", "camera")
 INITIALIZERS = ("fixed", "gaussian")
 PREDICTORS = ("transformer", "none")
+GROUPERS = ("slot_attention", "recurrent")
 
 
 @dataclass
@@ -87,13 +88,26 @@ class TeacherConfig:
 
 @dataclass
 class SlotModuleConfig:
-    """Slot attention (softmax over slots) with a recurrent predictor, as in SlotContrast.
+    """The slot module: an initialiser, a grouper (the corrector) and an optional predictor.
 
-    `implicit_gradient`: back-propagate through the last slot-attention iteration only (the
+    `grouper`: `slot_attention` (softmax over slots, GRU, `model.num_iterations` iterations per
+    frame, `first_frame_iterations` on the first; SlotContrast) or `recurrent` (POST3R's
+    `RecurrentSlotCorrector`: `model.num_iterations` transformer decoder blocks with 2D RoPE,
+    cross-attention with a softmax over patches, no competition between slots, and a per-sample
+    TTT3R-style gate blending the new slots with the previous frame's; `heads` attention heads,
+    default slot_dim // 64 as the reference; `detach_gate` stops the gate's gradient, as the
+    reference does). Either way the decoders' alpha masks are the masks that are scored; the
+    grouper's own masks (`ModelOutput.attention_masks`) are its grouping.
+    `implicit_gradient` (slot attention): back-propagate through the last iteration only (the
     earlier ones as a fixed-point solver); same forward values, steadier training.
+    `init_noise_std`: with `initializer=fixed`, Gaussian noise of this std added to the learned
+    slots in training (the reference's 0.01); evaluation starts from the learned slots.
+    `detach_between_frames`: no back-propagation through time (the reference's choice).
     """
 
+    grouper: str = "slot_attention"
     initializer: str = "fixed"
+    init_noise_std: float = 0.0
     first_frame_iterations: int = 3
     implicit_gradient: bool = False
     input_hidden_dim: int | None = None
@@ -101,6 +115,9 @@ class SlotModuleConfig:
     predictor: str = "transformer"
     predictor_heads: int = 4
     predictor_blocks: int = 1
+    detach_between_frames: bool = False
+    heads: int | None = None
+    detach_gate: bool = False
 
 
 @dataclass
@@ -331,7 +348,23 @@ def validate(cfg: DictConfig) -> None:
     require_one_of(m.encoder.name, ENCODERS, "model.encoder.name")
     require_one_of(m.teacher.name, TEACHERS, "model.teacher.name")
     require_one_of(m.feature_decoder.target, FEATURE_TARGETS, "model.feature_decoder.target")
+    require_one_of(m.slots.grouper, GROUPERS, "model.slots.grouper")
     require_one_of(m.slots.initializer, INITIALIZERS, "model.slots.initializer")
+    require_positive(m.slots.heads, "model.slots.heads")
+    if m.slots.init_noise_std < 0:
+        raise ConfigError(f"model.slots.init_noise_std must be >= 0, got {m.slots.init_noise_std}")
+    if m.slots.init_noise_std > 0 and m.slots.initializer != "fixed":
+        raise ConfigError(
+            "model.slots.init_noise_std adds noise to the fixed learned slots: set "
+            "model.slots.initializer=fixed (gaussian already samples its slots)"
+        )
+    if m.slots.grouper == "recurrent":
+        heads = m.slots.heads or max(1, m.slot_dim // 64)
+        if m.slot_dim % heads or (m.slot_dim // heads) % 4:
+            raise ConfigError(
+                f"model.slots.grouper=recurrent uses 2D RoPE: model.slot_dim / model.slots.heads "
+                f"must be a multiple of 4, got slot_dim={m.slot_dim}, heads={heads}"
+            )
     require_one_of(m.pointmap_decoder.frame, POINTMAP_FRAMES, "model.pointmap_decoder.frame")
     require_one_of(
         m.feature_decoder.position_embedding,
