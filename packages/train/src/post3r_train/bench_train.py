@@ -7,6 +7,10 @@ tensors of the config's shapes, so the figures measure the model step (forward, 
 without data loading. Each case also times the frozen part (teacher + frozen encoder forward)
 alone, in the same run, and reports its share of the step.
 
+`--seeds 0-4` trains the embedded default (or `--config`) once per seed, each in a fresh
+process as a user would, and prints the table of final validation metrics and wall times
+(`post3r_train.seed_table`).
+
 `--compare-teachers` compares the online TTT3R teacher (`model.teacher.name=ttt3r`) with the
 cached one (`cached`, whose targets arrive with the batch) in one run: steps/s, samples/s and
 peak memory of both on the device (on a CPU the `tiny` TTT3R preset and a small DINOv2 at small
@@ -24,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -33,6 +38,7 @@ from post3r_kernels.timing import synchronize
 from post3r_train.batch import Batch
 from post3r_train.config import frame_size, load_config, trainer_config
 from post3r_train.engine.trainer import autocast
+from post3r_train.errors import ConfigError
 from post3r_train.model import POST3RModel
 
 RANDOM_FROZEN = [
@@ -236,7 +242,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="online vs cached 3D teacher of --config (default ytvis2021): steps/s, samples/s, "
         "peak memory, FLOPs per step at the config's real sizes",
     )
+    parser.add_argument(
+        "--seeds",
+        help="train --config (default: the embedded default) once per seed (e.g. 0-4), each a "
+        "fresh apps/train process with fresh data, and print a table of the final validation "
+        "metrics and wall times (see post3r_train.seed_table)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="with --seeds: keep each seed's data and run under KEEP/seed-N"
+    )
     args = parser.parse_args(argv)
+    if args.seeds is not None:
+        return _seeds(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare_teachers:
@@ -270,3 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     print("frozen % = teacher + frozen encoder forward time / whole training step (same run)")
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    """`--seeds`: validated up front, so a typo fails before the first run, not in each."""
+    from post3r_train.seed_table import parse_seeds, seeds_table
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        if any(item.partition("=")[0].strip() == "seed" for item in args.overrides):
+            raise ConfigError("--seeds sets seed=N itself: drop the seed=... override")
+        load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return seeds_table(seeds, args.overrides, args.config, args.keep)
