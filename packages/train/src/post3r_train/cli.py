@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="[CONFIG] [key=value ...]",
-        help="a config (path, or name in configs/: default, smoke, ytvis2021), then overrides",
+        help="a config (path, or name in configs/: default, smoke, ytvis2021, post3r_reference), "
+        "then overrides",
     )
     parser.add_argument("--data-dir", type=Path, help="dataset directory (sets dataset.root)")
     parser.add_argument("--log-dir", type=Path, default=None, help="default: ./outputs")

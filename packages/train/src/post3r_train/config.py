@@ -22,8 +22,8 @@ from post3r_train.engine import OptimConfig, TrainerConfig
 from post3r_train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
-"""The configs a run can name (`default`, `smoke`, `ytvis2021`): package data, so they are in
-the wheel too; the repository's top-level `configs/` links here."""
+"""The configs a run can name (`default`, `smoke`, `ytvis2021`, `post3r_reference`): package
+data, so they are in the wheel too; the repository's top-level `configs/` links here."""
 ENCODERS = ("patch", "dinov2", "ttt3r")
 TEACHERS = ("dataset", "ttt3r", "cached", "none")
 UPDATE_RULES = ("ttt3r", "cut3r")
