@@ -352,3 +352,32 @@ def test_fourier_positions_are_fixed_and_not_checkpointed():
     loss, _ = model.training_step(make_batch())
     loss.backward()
     assert grads_missing(model) == []
+
+
+def test_build_parts_draws_initial_weights_in_the_documented_order():
+    """A seed must keep giving the same weights: the modules are built in the order teacher,
+    encoder, input projection, slot processor, feature decoder, pointmap decoder (a reordering
+    silently turned seed 0 of the embedded default into another run)."""
+    from post3r_train import build
+
+    cfg = load_config("default", [])
+    torch.manual_seed(0)
+    parts = build.build_parts(cfg)
+    torch.manual_seed(0)
+    m, side = cfg.model, cfg.dataset.synthetic.resolution
+    teacher = build.build_teacher(m)
+    _, feature_dim, grid = build.build_encoder(m, teacher, (side, side))
+    patch_area = (side // grid[0]) * (side // grid[1])
+    in_order = [
+        build.build_input_projection(m, feature_dim),
+        build.build_processor(m, grid),
+        build.build_feature_decoder(m, 3 * patch_area, grid),
+        build.build_pointmap_decoder(m),
+    ]
+    built = [parts[k] for k in ("input_projection", "processor")]
+    built += [parts["feature_decoder"], parts["pointmap_decoder"]]
+    for expected, actual in zip(in_order, built, strict=True):
+        for (name, a), (_, b) in zip(
+            expected.state_dict().items(), actual.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), name

@@ -57,6 +57,10 @@ def build_parts(cfg: DictConfig) -> ModelParts:
     teacher = build_teacher(m)
     encoder, feature_dim, grid = build_encoder(m, teacher, image_size)
     patch_area = (image_size[0] // grid[0]) * (image_size[1] // grid[1])
+    # Built in this order on purpose: each module draws its initial weights from the global RNG,
+    # so the order fixes which weights a seed gives (and keeps earlier runs reproducible).
+    input_projection = build_input_projection(m, feature_dim)
+    processor = build_processor(m, grid)
     feature_decoder = None
     if loss.feature_weight > 0:
         target_dim = feature_dim if m.feature_decoder.target == "encoder" else 3 * patch_area
@@ -67,8 +71,8 @@ def build_parts(cfg: DictConfig) -> ModelParts:
     return ModelParts(
         teacher=teacher,
         encoder=encoder,
-        input_projection=build_input_projection(m, feature_dim),
-        processor=build_processor(m, grid),
+        input_projection=input_projection,
+        processor=processor,
         feature_decoder=feature_decoder,
         pointmap_decoder=pointmap_decoder,
         image_size=image_size,
