@@ -36,6 +36,17 @@ T = TypeVar("T")
 _TAR_MTIME = 0.0
 
 
+def interrupted_write_message(error: OSError) -> str:
+    """One line for a shard writer stopped by the OS (read-only or full output): what failed and
+    that a rerun finishes the job, since finished shards are atomic and kept."""
+    where = f"{error.filename}: " if error.filename else ""
+    what = error.strerror or str(error)
+    return (
+        f"{where}{what}; the shards finished so far are kept and a rerun with the same "
+        "arguments writes only the missing ones (free space or fix the permissions first)"
+    )
+
+
 def canonical_split(split: str) -> str:
     """Map `val`/`valid` to `validation`; reject unknown split names."""
     split = _SPLIT_ALIASES.get(split, split)

@@ -8,16 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from post3r_data.shards import interrupted_write_message
 from post3r_data.synth import SHAPE_NAMES, SynthConfig, generate_synthetic_dataset
-
-
-def _os_error_text(error: OSError) -> str:
-    where = f"{error.filename}: " if error.filename else ""
-    what = error.strerror or str(error)
-    return (
-        f"{where}{what}; the shards finished so far are kept and a rerun with the same "
-        "arguments writes only the missing ones (free space or fix the permissions first)"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     except OSError as error:  # a read-only or full output directory: the finished shards stay
-        print(f"error: {_os_error_text(error)}", file=sys.stderr)
+        print(f"error: {interrupted_write_message(error)}", file=sys.stderr)
         return 1
     for split, summary in result.splits.items():
         print(f"{split:>10}: {summary.describe()}")

@@ -8,12 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from post3r_data.shards import interrupted_write_message
 from post3r_data.ytvis import RESAMPLING_FILTERS, convert_ytvis
-
-_RERUN_HINT = (
-    "; the shards finished so far are kept and a rerun with the same arguments writes only the "
-    "missing ones (free space or fix the permissions first)"
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # missing input, read-only or full output: finished shards stay
-        kept = "" if isinstance(error, FileNotFoundError) else _RERUN_HINT
-        print(f"error: {error}{kept}", file=sys.stderr)
+        missing_input = isinstance(error, FileNotFoundError)
+        message = str(error) if missing_input else interrupted_write_message(error)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     if result.kept_shards:
         print(f"kept {result.kept_shards} finished shards from an earlier run")
