@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from post3r_slots import MLPDecoder, PointmapDecoder
+from post3r_slots import MLPDecoder, PointmapDecoder, PointmapMLPDecoder
 
 DS, D, N = 16, 10, 6
 
@@ -40,13 +40,25 @@ def test_mlp_decoder_without_hidden_layers():
     assert out.reconstruction.shape == (1, N, D)
 
 
+def conv_pointmap(resolution=(8, 8), pose_dim=None):
+    return PointmapDecoder(DS, resolution=resolution, num_upsamples=2, token_dim=16,
+                           pose_dim=pose_dim)  # fmt: skip
+
+
+def mlp_pointmap(resolution=(8, 8), pose_dim=None):
+    return PointmapMLPDecoder(DS, resolution=resolution, hidden_dims=(32,), pose_dim=pose_dim)
+
+
+POINTMAP_DECODERS = [conv_pointmap, mlp_pointmap]
+
+
 @pytest.mark.parametrize("make", [lambda: MLPDecoder(DS, D, N, hidden_dims=(32,)),
-                                  lambda: PointmapDecoder(DS, resolution=(8, 8), num_upsamples=2,
-                                                          token_dim=16, pose_dim=7)])  # fmt: skip
+                                  lambda: conv_pointmap(pose_dim=7),
+                                  lambda: mlp_pointmap(pose_dim=7)])  # fmt: skip
 def test_decoders_fold_time_into_batch(make):
     decoder = make()
     slots = torch.randn(2, 3, 4, DS)
-    args = (torch.randn(2, 3, 7),) if isinstance(decoder, PointmapDecoder) else ()
+    args = () if isinstance(decoder, MLPDecoder) else (torch.randn(2, 3, 7),)
     video = decoder(slots, *args)
     for t in range(3):
         frame = decoder(slots[:, t], *(a[:, t] for a in args))
@@ -55,8 +67,9 @@ def test_decoders_fold_time_into_batch(make):
             torch.testing.assert_close(video_field[:, t], frame_field)
 
 
-def test_pointmap_decoder_shapes_and_compositing():
-    decoder = PointmapDecoder(DS, resolution=(16, 8), num_upsamples=3, token_dim=32)
+@pytest.mark.parametrize("make", POINTMAP_DECODERS)
+def test_pointmap_decoder_shapes_and_compositing(make):
+    decoder = make(resolution=(16, 8))
     out = decoder(torch.randn(2, 5, DS))
     assert out.pointmap.shape == (2, 16, 8, 3)
     assert out.masks.shape == out.alpha_logits.shape == (2, 5, 16, 8)
@@ -67,8 +80,9 @@ def test_pointmap_decoder_shapes_and_compositing():
     torch.testing.assert_close(out.pointmap, expected)
 
 
-def test_pointmap_decoder_decodes_each_slot_independently():
-    decoder = PointmapDecoder(DS, resolution=(8, 8), num_upsamples=2, token_dim=16, pose_dim=7)
+@pytest.mark.parametrize("make", POINTMAP_DECODERS)
+def test_pointmap_decoder_decodes_each_slot_independently(make):
+    decoder = make(pose_dim=7)
     slots, pose = torch.randn(2, 3, DS), torch.randn(2, 7)
     together = decoder(slots, pose)
     for k in range(3):
@@ -79,14 +93,29 @@ def test_pointmap_decoder_decodes_each_slot_independently():
     assert not torch.allclose(moved.slot_pointmaps, together.slot_pointmaps)
 
 
-def test_pointmap_decoder_pose_and_resolution_errors():
-    with pytest.raises(ValueError, match="divisible by 2"):
-        PointmapDecoder(DS, resolution=(20, 16), num_upsamples=3)
-    posed = PointmapDecoder(DS, resolution=(8, 8), num_upsamples=2, token_dim=16, pose_dim=7)
+def test_pointmap_mlp_decoder_cells_are_the_mlp_of_slot_and_position():
+    """Cell (y, x) of slot k is the MLP of [slot k, pose] plus the cell's row-major embedding."""
+    decoder = mlp_pointmap(resolution=(4, 2), pose_dim=7)
+    slots, pose = torch.randn(2, 3, DS), torch.randn(2, 7)
+    out = decoder(slots, pose)
+    inputs = torch.cat((slots, decoder.pose_embed(pose)[:, None].expand(-1, 3, -1)), dim=-1)
+    first, last = decoder.mlp.layers
+    y = last(torch.relu(first(inputs[:, :, None, :] + decoder.mlp.pos_embed)))  # (B, K, 8, 4)
+    torch.testing.assert_close(out.slot_pointmaps, y[..., :3].unflatten(2, (4, 2)))
+    torch.testing.assert_close(out.alpha_logits, y[..., 3].unflatten(2, (4, 2)))
+
+
+@pytest.mark.parametrize("make", POINTMAP_DECODERS)
+def test_pointmap_decoder_pose_errors(make):
+    posed = make(pose_dim=7)
     with pytest.raises(ValueError, match="pose is required"):
         posed(torch.randn(1, 2, DS))
     with pytest.raises(ValueError, match=r"pose must have shape \(B, P\) with P=7"):
         posed(torch.randn(1, 2, DS), torch.randn(1, 6))
-    plain = PointmapDecoder(DS, resolution=(8, 8), num_upsamples=2, token_dim=16)
     with pytest.raises(ValueError, match="pose was given"):
-        plain(torch.randn(1, 2, DS), torch.randn(1, 7))
+        make()(torch.randn(1, 2, DS), torch.randn(1, 7))
+
+
+def test_pointmap_decoder_resolution_error():
+    with pytest.raises(ValueError, match="divisible by 2"):
+        PointmapDecoder(DS, resolution=(20, 16), num_upsamples=3)

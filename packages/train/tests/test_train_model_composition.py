@@ -354,6 +354,40 @@ def test_fourier_positions_are_fixed_and_not_checkpointed():
     assert grads_missing(model) == []
 
 
+@pytest.mark.parametrize("pose", ["true", "false"])
+def test_mlp_pointmap_decoder_by_config(pose):
+    from post3r_slots import PointmapMLPDecoder
+    from post3r_train.build import fourier_positions
+
+    model = build(
+        "model.pointmap_decoder.architecture=mlp",
+        "model.pointmap_decoder.position_embedding=fourier",
+        "model.pointmap_decoder.hidden_dims=[32]",
+        f"model.pointmap_decoder.pose_conditioned={pose}",
+    )
+    decoder = model.pointmap_decoder
+    assert isinstance(decoder, PointmapMLPDecoder)
+    assert decoder.resolution == tuple(model.pointmap_decoder.resolution)
+    embed = decoder.mlp.pos_embed
+    assert not embed.requires_grad
+    torch.testing.assert_close(
+        embed.detach(), fourier_positions(decoder.resolution, decoder.mlp.slot_dim, 4.0)
+    )
+    out = model(make_batch())
+    assert out.pointmap is not None
+    assert out.pointmap.masks.shape[-2:] == decoder.resolution
+    loss, _ = model.losses(out)
+    loss.backward()
+    assert grads_missing(model) == []
+
+
+def test_unknown_pointmap_architecture_is_refused():
+    from post3r_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.pointmap_decoder\.architecture"):
+        load_config("smoke", ["model.pointmap_decoder.architecture=unet"])
+
+
 def test_build_parts_draws_initial_weights_in_the_documented_order():
     """A seed must keep giving the same weights: the modules are built in the order teacher,
     encoder, input projection, slot processor, feature decoder, pointmap decoder (a reordering

@@ -13,6 +13,7 @@ from post3r_slots.decoders import (
     MLPDecoder,
     PointmapDecoder,
     PointmapDecoderOutput,
+    PointmapMLPDecoder,
 )
 from post3r_slots.initializers import CarriedSlots, CarryOverInit, FixedLearnedInit, GaussianInit
 from post3r_slots.losses import (
@@ -99,6 +100,7 @@ __all__ = [
     "MLPDecoder",
     "PointmapDecoder",
     "PointmapDecoderOutput",
+    "PointmapMLPDecoder",
     "RecurrentSlotCorrector",
     "RecurrentSlotOutput",
     "ResidualMLP",

@@ -78,18 +78,22 @@ class MLPDecoder(nn.Module):
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
         check_finite(slots, "slots")
         video = "T" in sizes
-        first = cast(nn.Linear, self.layers[0])
-        x = _fold_time(slots, video)
-        hidden = first(x)[:, :, None, :] + F.linear(self.pos_embed, first.weight)  # (B, K, N, h)
-        for layer in self.layers[1:]:
-            hidden = layer(torch.relu(hidden))
-        slot_features, alpha = hidden.split((self.feature_dim, 1), dim=-1)
-        masks = torch.softmax(alpha.squeeze(-1), dim=1)
+        slot_features, alpha = self.decode_patches(_fold_time(slots, video))
+        masks = torch.softmax(alpha, dim=1)
         reconstruction = torch.einsum("bknd,bkn->bnd", slot_features, masks)
         batch = sizes["B"]
         return FeatureDecoderOutput(
             *(_unfold_time(t, video, batch) for t in (reconstruction, masks, slot_features))
         )
+
+    def decode_patches(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (B, K, Ds) -> every slot's features (B, K, N, D) and alpha logits (B, K, N)."""
+        first = cast(nn.Linear, self.layers[0])
+        hidden = first(slots)[:, :, None, :] + F.linear(self.pos_embed, first.weight)
+        for layer in self.layers[1:]:
+            hidden = layer(torch.relu(hidden))
+        features, alpha = hidden.split((self.feature_dim, 1), dim=-1)
+        return features, alpha.squeeze(-1)
 
 
 class PointmapDecoder(nn.Module):
@@ -133,15 +137,8 @@ class PointmapDecoder(nn.Module):
             )
         self.slot_dim, self.pose_dim = slot_dim, pose_dim
         self.resolution = (height, width)
-        self.pose_embed = None
-        in_dim = slot_dim
-        if pose_dim is not None:
-            self.pose_embed = nn.Sequential(
-                nn.Linear(pose_dim, pose_embed_dim),
-                nn.ReLU(),
-                nn.Linear(pose_embed_dim, pose_embed_dim),
-            )
-            in_dim += pose_embed_dim
+        self.pose_embed = _pose_embedding(pose_dim, pose_embed_dim)
+        in_dim = slot_dim + (0 if pose_dim is None else pose_embed_dim)
         self.to_token = nn.Linear(in_dim, token_dim)
         self.pos_embed = nn.Parameter(
             torch.randn(token_dim, height // factor, width // factor) * 0.02
@@ -166,16 +163,7 @@ class PointmapDecoder(nn.Module):
         sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
         check_finite(slots, "slots")
         video, batch, num_slots = "T" in sizes, sizes["B"], sizes["K"]
-        x = _fold_time(slots, video)
-        if self.pose_embed is not None:
-            if pose is None:
-                raise ValueError(f"pose is required: the decoder has pose_dim={self.pose_dim}")
-            pose_dims = "B T P" if video else "B P"
-            check_shape(pose, "pose", pose_dims, B=batch, T=sizes.get("T"), P=self.pose_dim)
-            pose_embedding = self.pose_embed(_fold_time(pose, video).to(x.dtype))
-            x = torch.cat((x, pose_embedding[:, None].expand(-1, num_slots, -1)), dim=-1)
-        elif pose is not None:
-            raise ValueError("pose was given but this decoder was built with pose_dim=None")
+        x = _with_pose(_fold_time(slots, video), pose, self.pose_embed, self.pose_dim, sizes)
         tokens = self.to_token(x.flatten(0, 1))[:, :, None, None] + self.pos_embed
         output = self.head(self.upsample(self.stem(tokens)))  # (B·K, 4, H, W)
         output = output.unflatten(0, (-1, num_slots)).movedim(2, -1)  # (B, K, H, W, 4)
@@ -184,3 +172,87 @@ class PointmapDecoder(nn.Module):
         pointmap = torch.einsum("bkhwc,bkhw->bhwc", slot_pointmaps, masks)
         outputs = (pointmap, masks, slot_pointmaps, alpha_logits)
         return PointmapDecoderOutput(*(_unfold_time(t, video, batch) for t in outputs))
+
+
+class PointmapMLPDecoder(nn.Module):
+    """Per-slot pointmap decoder in the MLP decoder's form: each slot (plus an optional
+    camera-pose embedding) and each cell's position embedding go through a shared MLP to the
+    cell's XYZ and an alpha logit, on the `resolution` grid; the maps are blended by a softmax
+    over slots.
+
+    Each cell's alpha is the MLP's own output, so the masks are as sharp as the grid (the
+    convolutional `PointmapDecoder` draws its masks from a coarse token grid upsampled), and a
+    slot that covers a plane (a floor) predicts it from the position embedding alone.
+
+    Args:
+        slot_dim: Ds.
+        resolution: (H, W) of the output grid.
+        pose_dim: size of the pose vector P; None: no pose input.
+        pose_embed_dim: width of the pose embedding MLP.
+        hidden_dims: MLP hidden widths, ReLU between layers.
+    """
+
+    def __init__(
+        self,
+        slot_dim: int,
+        *,
+        resolution: tuple[int, int] = (128, 128),
+        pose_dim: int | None = None,
+        pose_embed_dim: int = 64,
+        hidden_dims: tuple[int, ...] = (256, 256),
+    ) -> None:
+        super().__init__()
+        self.slot_dim, self.pose_dim = slot_dim, pose_dim
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.pose_embed = _pose_embedding(pose_dim, pose_embed_dim)
+        in_dim = slot_dim + (0 if pose_dim is None else pose_embed_dim)
+        height, width = self.resolution
+        self.mlp = MLPDecoder(in_dim, 3, height * width, hidden_dims)
+
+    def forward(
+        self, slots: torch.Tensor, pose: torch.Tensor | None = None
+    ) -> PointmapDecoderOutput:
+        """Decode slots (B, [T,] K, Ds), with `pose` (B, [T,] P) if built with `pose_dim`."""
+        sizes = check_shape(slots, "slots", "B [T] K Ds", Ds=self.slot_dim)
+        check_finite(slots, "slots")
+        video, batch = "T" in sizes, sizes["B"]
+        x = _with_pose(_fold_time(slots, video), pose, self.pose_embed, self.pose_dim, sizes)
+        slot_points, alpha_logits = self.mlp.decode_patches(x)  # (B, K, N, 3), (B, K, N)
+        masks = torch.softmax(alpha_logits, dim=1)
+        pointmap = torch.einsum("bknc,bkn->bnc", slot_points, masks)
+        grid = self.resolution
+        outputs = (
+            pointmap.unflatten(1, grid),
+            masks.unflatten(2, grid),
+            slot_points.unflatten(2, grid),
+            alpha_logits.unflatten(2, grid),
+        )
+        return PointmapDecoderOutput(*(_unfold_time(t, video, batch) for t in outputs))
+
+
+def _pose_embedding(pose_dim: int | None, width: int) -> nn.Module | None:
+    """The pointmap decoders' pose MLP (P -> width -> width), or None without a pose input."""
+    if pose_dim is None:
+        return None
+    return nn.Sequential(nn.Linear(pose_dim, width), nn.ReLU(), nn.Linear(width, width))
+
+
+def _with_pose(
+    slots: torch.Tensor,
+    pose: torch.Tensor | None,
+    pose_embed: nn.Module | None,
+    pose_dim: int | None,
+    sizes: dict[str, int],
+) -> torch.Tensor:
+    """Folded slots (B·T, K, Ds) with each frame's pose embedding appended to every slot."""
+    if pose_embed is None:
+        if pose is not None:
+            raise ValueError("pose was given but this decoder was built with pose_dim=None")
+        return slots
+    if pose is None:
+        raise ValueError(f"pose is required: the decoder has pose_dim={pose_dim}")
+    video = "T" in sizes
+    pose_dims = "B T P" if video else "B P"
+    check_shape(pose, "pose", pose_dims, B=sizes["B"], T=sizes.get("T"), P=pose_dim)
+    embedding = pose_embed(_fold_time(pose, video).to(slots.dtype))
+    return torch.cat((slots, embedding[:, None].expand(-1, sizes["K"], -1)), dim=-1)

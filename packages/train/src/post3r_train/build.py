@@ -18,6 +18,7 @@ from post3r_slots import (
     GaussianInit,
     MLPDecoder,
     PointmapDecoder,
+    PointmapMLPDecoder,
     RecurrentSlotCorrector,
     SlotAttention,
     SlotVideoProcessor,
@@ -38,7 +39,7 @@ class ModelParts(TypedDict):
     input_projection: nn.Module
     processor: SlotVideoProcessor
     feature_decoder: MLPDecoder | None
-    pointmap_decoder: PointmapDecoder | None
+    pointmap_decoder: PointmapDecoder | PointmapMLPDecoder | None
     image_size: tuple[int, int]
     grid: tuple[int, int]
     loss: LossConfig
@@ -189,20 +190,37 @@ def build_predictor(m: DictConfig) -> nn.Module | None:
 
 
 def build_feature_decoder(m: DictConfig, target_dim: int, grid: tuple[int, int]) -> MLPDecoder:
-    """The MLP decoder to `target_dim` per patch; a fourier position embedding is fixed (it is
-    rebuilt from the config, so it is not trained and not checkpointed)."""
+    """The MLP decoder to `target_dim` per patch."""
     f = m.feature_decoder
     decoder = MLPDecoder(m.slot_dim, target_dim, grid[0] * grid[1], tuple(f.hidden_dims))
     if f.position_embedding == "fourier":
-        embedding = fourier_positions(grid, m.slot_dim, f.fourier_max_frequency)
-        with torch.no_grad():
-            decoder.pos_embed.copy_(embedding)
-        decoder.pos_embed.requires_grad_(False)
+        fix_fourier_positions(decoder, grid, f.fourier_max_frequency)
     return decoder
 
 
-def build_pointmap_decoder(m: DictConfig) -> PointmapDecoder:
+def fix_fourier_positions(decoder: MLPDecoder, grid: tuple[int, int], max_frequency: float) -> None:
+    """Replace the MLP decoder's learned position embedding by fixed fourier features (rebuilt
+    from the config, so neither trained nor checkpointed)."""
+    embedding = fourier_positions(grid, decoder.slot_dim, max_frequency)
+    with torch.no_grad():
+        decoder.pos_embed.copy_(embedding)
+    decoder.pos_embed.requires_grad_(False)
+
+
+def build_pointmap_decoder(m: DictConfig) -> PointmapDecoder | PointmapMLPDecoder:
+    """`model.pointmap_decoder.architecture`: the convolutional decoder or the MLP one."""
     pm = m.pointmap_decoder
+    resolution = (int(m.decoder_resolution[0]), int(m.decoder_resolution[1]))
+    if pm.architecture == "mlp":
+        decoder = PointmapMLPDecoder(
+            m.slot_dim,
+            resolution=resolution,
+            pose_dim=POSE_DIM if pm.pose_conditioned else None,
+            hidden_dims=tuple(pm.hidden_dims),
+        )
+        if pm.position_embedding == "fourier":
+            fix_fourier_positions(decoder.mlp, resolution, pm.fourier_max_frequency)
+        return decoder
     return PointmapDecoder(
         m.slot_dim,
         resolution=tuple(m.decoder_resolution),

@@ -30,6 +30,7 @@ UPDATE_RULES = ("ttt3r", "cut3r")
 FEATURE_TARGETS = ("encoder", "rgb")
 POSITION_EMBEDDINGS = ("learned", "fourier")
 POINTMAP_FRAMES = ("world", "camera")
+POINTMAP_ARCHITECTURES = ("conv", "mlp")
 INITIALIZERS = ("fixed", "gaussian")
 PREDICTORS = ("transformer", "none")
 GROUPERS = ("slot_attention", "recurrent")
@@ -146,13 +147,21 @@ class PointmapDecoderConfig:
     pose when `pose_conditioned` (the reference); `camera` predicts each frame's points in its
     own camera, and the teacher's poses carry them into the first-camera frame (no pose input
     needed; also works on clips of one frame).
+    `architecture`: `conv` (the reference's: a coarse token grid upsampled by convolutions;
+    `token_dim`, `num_upsamples`, `min_channels`) or `mlp` (the feature decoder's form, one
+    MLP output per cell of the grid, masks as sharp as the grid; `hidden_dims`,
+    `position_embedding`, `fourier_max_frequency` as in `FeatureDecoderConfig`).
     """
 
     frame: str = "world"
     pose_conditioned: bool = True
+    architecture: str = "conv"
     token_dim: int = 256
     num_upsamples: int = 4
     min_channels: int = 32
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+    position_embedding: str = "learned"
+    fourier_max_frequency: float = 4.0
 
 
 @dataclass
@@ -366,11 +375,11 @@ def validate(cfg: DictConfig) -> None:
                 f"must be a multiple of 4, got slot_dim={m.slot_dim}, heads={heads}"
             )
     require_one_of(m.pointmap_decoder.frame, POINTMAP_FRAMES, "model.pointmap_decoder.frame")
-    require_one_of(
-        m.feature_decoder.position_embedding,
-        POSITION_EMBEDDINGS,
-        "model.feature_decoder.position_embedding",
-    )
+    architecture = m.pointmap_decoder.architecture
+    require_one_of(architecture, POINTMAP_ARCHITECTURES, "model.pointmap_decoder.architecture")
+    for decoder in ("feature_decoder", "pointmap_decoder"):
+        key = f"model.{decoder}.position_embedding"
+        require_one_of(m[decoder].position_embedding, POSITION_EMBEDDINGS, key)
     require_one_of(m.slots.predictor, PREDICTORS, "model.slots.predictor")
     require_one_of(m.teacher.update_rule, UPDATE_RULES, "model.teacher.update_rule")
     require_positive(m.teacher.cache_resolution, "model.teacher.cache_resolution")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from post3r_backbone.model import RANGE_SLACK
-from post3r_slots import MLPDecoder, PointmapDecoder, SlotVideoProcessor
+from post3r_slots import MLPDecoder, PointmapDecoder, PointmapMLPDecoder, SlotVideoProcessor
 from post3r_train.batch import Batch
 from post3r_train.config import LossConfig
 from post3r_train.encoders import EncoderOutput
@@ -144,7 +144,7 @@ class POST3RModel(TrainModule):
         input_projection: nn.Module,
         processor: SlotVideoProcessor,
         feature_decoder: MLPDecoder | None,
-        pointmap_decoder: PointmapDecoder | None,
+        pointmap_decoder: PointmapDecoder | PointmapMLPDecoder | None,
         image_size: tuple[int, int],
         grid: tuple[int, int],
         loss: LossConfig,
