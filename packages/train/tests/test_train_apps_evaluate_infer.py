@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_model_runs import call, smoke_run
@@ -29,6 +30,20 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path):
     with open(run.run_dir / "logs" / "metrics" / "metrics.csv") as handle:
         last = [r for r in csv.DictReader(handle) if r["val/ari"]][-1]
     assert metrics["val/ari"] == pytest.approx(float(last["val/ari"]), abs=1e-6)
+
+
+def test_evaluate_visualize_writes_visuals_of_a_run_trained_without_them(tmp_path):
+    from post3r_train.config import load_config
+
+    run = smoke_run()
+    config = tmp_path / "config.yaml"
+    quiet = load_config(run.run_dir / "config.yaml", ["model.visualize=false"])
+    config.write_text(OmegaConf.to_yaml(quiet))
+    visuals = tmp_path / "visuals"
+    arguments = [str(run.run_dir), "--config", str(config), "--output", str(tmp_path / "m.json")]
+    code, _, err = call(evaluate.main, [*arguments, "--visualize", str(visuals)])
+    assert code == 0, err
+    assert (visuals / "masks.png").is_file() and (visuals / "masks.gif").is_file()
 
 
 def test_evaluate_a_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -102,6 +102,15 @@ def test_continue_resumes_the_run_and_keeps_validating(tmp_path):
     assert (copy / "results" / "checkpoints" / "step=000006.ckpt").is_file()
 
 
+def test_a_run_without_visuals_leaves_no_empty_visualization_folders(tmp_path):
+    code, _, err = run_on_smoke_data(
+        tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "model.visualize=false"
+    )
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "smoke").iterdir()
+    assert list((run_dir / "visualizations").iterdir()) == []
+
+
 def test_dry_run_does_one_step_and_writes_nothing(tmp_path):
     code, out, err = run_cli(
         ["smoke", "--dry", "--data-dir", str(smoke_run().data), "--log-dir", str(tmp_path)]

@@ -107,6 +107,7 @@ class ToyModule(TrainModule):
     def visualize(self, batch: dict, outputs: dict, directory: Path, step: int | None) -> None:
         values = outputs["prediction"].detach().cpu().flatten()
         pixels = ((values - values.min()) / (values.max() - values.min() + 1e-8) * 255).byte()
+        directory.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels.reshape(1, -1).repeat(8, 1).numpy()).save(directory / "pred.png")
 
 

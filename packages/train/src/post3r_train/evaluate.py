@@ -194,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from post3r_train.teacher_cache import check_run_cache
 
     try:
+        # --visualize asks for the visuals even of a run trained with model.visualize=false.
+        overrides = [*args.overrides, *(["model.visualize=true"] if args.visualize else [])]
         cfg, model, checkpoint = load_run(
-            args.run, config=args.config, overrides=args.overrides, data_dir=args.data_dir
+            args.run, config=args.config, overrides=overrides, data_dir=args.data_dir
         )
         root = existing_validation_data(cfg)  # never generates: a typo is an error
         config = args.config or str(run_config_path(args.run))

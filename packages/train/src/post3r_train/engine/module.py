@@ -49,7 +49,9 @@ class TrainModule(nn.Module):
         """Write images/videos/point clouds for one validation batch into `directory`.
 
         Called on rank 0 for the first validation batch of every validation, with the training
-        step it belongs to (None outside training: an evaluation). Default: nothing.
+        step it belongs to (None outside training: an evaluation). `directory` may not exist:
+        a module that writes creates it (one that writes nothing leaves no empty folder).
+        Default: nothing.
         """
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

@@ -100,7 +100,6 @@ def run_validation(
             batch = move_to_device(batch, env.device)
             outputs = module.validation_step(batch, metrics)
             if index == 0 and visualize_dir is not None:
-                visualize_dir.mkdir(parents=True, exist_ok=True)
                 module.visualize(batch, outputs, visualize_dir, step)
     bar.close()
     skipped = skipped_count(batches)
