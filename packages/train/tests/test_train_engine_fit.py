@@ -82,6 +82,19 @@ def test_fit_writes_logs_visuals_and_one_checkpoint_set(tmp_path: Path, capsys) 
     assert again["val/count"] == 5
 
 
+def test_cpu_threads_sets_the_torch_threads_of_a_cpu_run() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run(None, max_steps=1, cpu_threads=1)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        run(None, max_steps=1)  # null: the process's setting stays
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_accumulation_equals_one_larger_batch_and_clipping_bounds_gradients() -> None:
     def trained(batch: int, accumulate: int, clip: float | None) -> toy.ToyModule:
         seed_everything(0)

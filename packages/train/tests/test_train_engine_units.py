@@ -67,6 +67,7 @@ def test_cosine_and_constant_schedules() -> None:
         ({"accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be >= 1"),
         ({"gradient_clip_val": 0.0}, "trainer.gradient_clip_val must be > 0"),
         ({"max_time": "1h"}, "trainer.max_time='1h' is not DD:HH:MM:SS"),
+        ({"cpu_threads": 0}, "trainer.cpu_threads must be >= 1, or null"),
     ],
 )
 def test_trainer_config_rejects_bad_values_by_name(overrides: dict, message: str) -> None:

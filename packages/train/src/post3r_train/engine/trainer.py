@@ -207,6 +207,8 @@ class Trainer:
         self.run, self.logger, self.seed = run, logger, seed
         self.precision = trainer.precision_mode
         torch.set_float32_matmul_precision(trainer.matmul_precision)
+        if trainer.cpu_threads is not None and env.device.type == "cpu":
+            torch.set_num_threads(trainer.cpu_threads)
         if trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.module = module.to(env.device)

@@ -84,6 +84,11 @@ class TrainerConfig:
     find_unused_parameters: bool = False
     max_time: str | None = None
     deterministic: bool = False
+    # Torch threads of a run on the CPU (null: torch's default, OMP_NUM_THREADS or the cores).
+    # The thread count decides the floating-point summation order, so a fixed count makes a
+    # seed repeat its figures on any machine of the same CPU type, and a one-thread run does not
+    # stall when other jobs take a core (a multi-threaded step waits for its slowest thread).
+    cpu_threads: int | None = None
     matmul_precision: str = "high"
     progress_bar: bool = True
     dist_timeout_s: int = 1800
@@ -120,6 +125,10 @@ class TrainerConfig:
         require(
             self.limit_val_batches is None or self.limit_val_batches >= 1,
             f"{prefix}.limit_val_batches must be >= 1, or null for the whole validation set",
+        )
+        require(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            f"{prefix}.cpu_threads must be >= 1, or null for torch's default",
         )
         require(
             self.matmul_precision in ("highest", "high", "medium"),
