@@ -63,3 +63,23 @@ def test_benchmark_compares_the_heads_layouts(capsys):
     assert rows["new"][2] == rows["old"][2] == "2"  # runs per layout
     assert rows["old"][-3:] == ["1.00", "1.00", "1.00"]  # old against itself: fps, cpu, memory
     assert float(rows["new"][-3]) > 0
+
+
+def test_benchmark_compares_the_dpt_arithmetic(capsys):
+    argv = ["--device", "cpu", "--lengths", "2", "--warmup", "0", "--compare-heads"]
+    assert benchmark_main([*argv, "--set", "dec_depth=2"]) == 0
+    out = capsys.readouterr().out
+    assert "DPT arithmetic, ttt3r rule" in out
+    assert "cpu/plain" in out
+    lines = [line.split() for line in out.splitlines()]
+    rows = {words[0]: words for words in lines if words and words[0] in ("new", "plain")}
+    assert set(rows) == {"new", "plain"}
+    assert rows["plain"][-3:] == ["1.00", "1.00", "1.00"]  # plain against itself
+    assert float(rows["new"][-2]) > 0  # cpu seconds ratio
+
+
+def test_benchmark_compares_one_thing_at_a_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_main(["--device", "cpu", "--compare-layout", "--compare-heads"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

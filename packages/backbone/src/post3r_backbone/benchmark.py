@@ -3,6 +3,7 @@
     uv run apps/bench-backbone  # tiny on CPU, plus ttt3r_512 in bf16 on a GPU if there is one
     uv run apps/bench-backbone --device cuda --preset ttt3r_512 --lengths 16 64 256
     uv run apps/bench-backbone --preset ttt3r_512 --size 384x512 --lengths 2 --compare-layout
+    uv run apps/bench-backbone --preset ttt3r_512 --size 384x512 --lengths 2 --compare-heads
 
 Weights are random (speed does not depend on them). Each run streams T frames through
 `model.step` from a fresh state, dropping the outputs as a consumer would, after a few warm-up
@@ -11,7 +12,8 @@ set size of the process during the run (the kernel's high-water mark, reset befo
 Ratios in the same run: memory against the shortest sequence (flat = 1.00) and the TTT3R rule's
 speed against the CUT3R rule's (the cost of the gate). `--compare-layout` instead alternates the
 heads' current token-map layout with the previous one (which made the DPT convolutions run in the
-NCHW layout at batch 1) and prints the ratios new/previous.
+NCHW layout at batch 1) and prints the ratios new/previous; `--compare-heads` alternates the DPT
+adapters' current arithmetic with the plain one (every convolution as the original writes it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import re
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Result:
-    rule: str  # the update rule, or the heads' layout ("new", "old") with --compare-layout
+    rule: str  # the update rule, or the variant compared ("new", "old", "plain")
     length: int
     fps: float
     peak_bytes: int | None
@@ -80,6 +82,21 @@ def previous_layout(model: TTT3R) -> Iterator[None]:
         for adapter in model.modules():
             if isinstance(adapter, DPTAdapter):
                 adapter.weights_channels_last()
+
+
+@contextmanager
+def plain_heads(model: TTT3R) -> Iterator[None]:
+    """Every DPT adapter with its plain arithmetic (each convolution as the original writes it,
+    at full resolution), for a same-run comparison and as the tests' reference."""
+    adapters = [m for m in model.modules() if isinstance(m, DPTAdapter)]
+    saved = [adapter.plain_arithmetic for adapter in adapters]
+    for adapter in adapters:
+        adapter.plain_arithmetic = True
+    try:
+        yield
+    finally:
+        for adapter, plain in zip(adapters, saved, strict=True):
+            adapter.plain_arithmetic = plain
 
 
 def random_model(config: TTT3RConfig, device: torch.device) -> TTT3R:
@@ -184,7 +201,9 @@ def run_configuration(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     )
     if args.compare_layout:
-        _compare_layouts(args, model, pool, dtype, outputs)
+        _compare_variants(args, model, pool, dtype, outputs, LAYOUTS, "heads' layout")
+    elif args.compare_heads:
+        _compare_variants(args, model, pool, dtype, outputs, ARITHMETIC, "DPT arithmetic")
     else:
         _compare_rules(args, model, pool, dtype, outputs)
     if args.profile:
@@ -201,37 +220,38 @@ def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, o
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
 
 
-LAYOUTS = ("new", "old")
+Variants = dict[str, Callable[[TTT3R], AbstractContextManager[None]]]
+# The current code first, the baseline the ratios are taken against last.
+LAYOUTS: Variants = {"new": lambda model: nullcontext(), "old": previous_layout}
+ARITHMETIC: Variants = {"new": lambda model: nullcontext(), "plain": plain_heads}
 
 
-def _layout(name: str, model: TTT3R) -> AbstractContextManager[None]:
-    return previous_layout(model) if name == "old" else nullcontext()
-
-
-def _compare_layouts(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs) -> None:
-    """Current vs previous heads' layout, alternated `--repeats` times per length."""
+def _compare_variants(
+    args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs, variants: Variants, what
+) -> None:
+    """The current code vs a baseline variant, alternated `--repeats` times per length."""
     model.update_rule = args.rules[0]
     results = []
     for length in args.lengths:
         for _ in range(args.repeats):  # alternate, so both see the same machine load
-            for layout in LAYOUTS:
-                with _layout(layout, model):
+            for name, variant in variants.items():
+                with variant(model):
                     measured = stream(model, pool, length, dtype, args.warmup, outputs)
                 seconds, peak, faults, cpu = measured
-                results.append(Result(layout, length, args.batch / seconds, peak, faults, cpu))
-    _print_layout_table(results, args.rules[0])
+                results.append(Result(name, length, args.batch / seconds, peak, faults, cpu))
+    _print_variant_table(results, args.rules[0], what, baseline=list(variants)[-1])
 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _print_layout_table(results: list[Result], rule: str) -> None:
-    """Per layout and length: medians over runs, max peak memory, and new/old ratios."""
+def _print_variant_table(results: list[Result], rule: str, what: str, baseline: str) -> None:
+    """Per variant and length: medians over runs, max peak memory, and ratios to the baseline."""
     columns = ("runs", "frames/s", "cpu s/fr", "peak MiB", "faults/fr")
-    ratios = ("fps/old", "cpu/old", "mem/old")
-    header = f"{'layout':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns + ratios)
-    print(f"heads' layout, {rule} rule (medians over runs; cpu: process CPU seconds per frame):")
+    ratios = (f"fps/{baseline}", f"cpu/{baseline}", f"mem/{baseline}")
+    header = f"{'code':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns + ratios)
+    print(f"{what}, {rule} rule (medians over runs; cpu: process CPU seconds per frame):")
     print(header)
     print("-" * len(header))
     groups: dict[tuple[str, int], list[Result]] = {}
@@ -247,15 +267,15 @@ def _print_layout_table(results: list[Result], rule: str) -> None:
             max(peaks) if peaks else None,
             _median([r.faults_per_frame for r in runs]),
         )
-    for (layout, length), (count, fps, cpu, peak, faults) in sorted(
+    for (name, length), (count, fps, cpu, peak, faults) in sorted(
         summary.items(), key=lambda item: item[0][1]
     ):
-        _, old_fps, old_cpu, old_peak, _ = summary["old", length]
+        _, old_fps, old_cpu, old_peak, _ = summary[baseline, length]
         memory = f"{peak / 2**20:9.0f}" if peak else f"{'n/a':>9}"
         memory_ratio = f"{peak / old_peak:9.2f}" if peak and old_peak else f"{'n/a':>9}"
         cpu_ratio = f"{cpu / old_cpu:9.2f}" if old_cpu else f"{'n/a':>9}"
         print(
-            f"{layout:<6} {length:>6} {count:>9} {fps:9.3f} {cpu:9.2f} {memory} {faults:9.0f} "
+            f"{name:<6} {length:>6} {count:>9} {fps:9.3f} {cpu:9.2f} {memory} {faults:9.0f} "
             f"{fps / old_fps:9.2f} {cpu_ratio} {memory_ratio}"
         )
 
@@ -360,16 +380,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="change config fields of the preset, e.g. --set enc_depth=6 dec_depth=6",
     )
-    parser.add_argument(
+    compare = parser.add_mutually_exclusive_group()
+    compare.add_argument(
         "--compare-layout",
         action="store_true",
         help="alternate the heads' current and previous token-map layouts (first --rules rule)",
+    )
+    compare.add_argument(
+        "--compare-heads",
+        action="store_true",
+        help="alternate the DPT adapters' current and plain arithmetic (first --rules rule)",
     )
     parser.add_argument(
         "--repeats",
         type=_positive,
         default=1,
-        help="with --compare-layout: alternations per length (median frames/s is shown)",
+        help="with --compare-layout/--compare-heads: alternations per length (medians shown)",
     )
     args = parser.parse_args(argv)
     args.set = dict(args.set)

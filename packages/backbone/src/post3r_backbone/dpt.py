@@ -36,8 +36,19 @@ class ResidualConvUnit(nn.Module):
         return x + self.conv2(F.relu(self.conv1(F.relu(x))))
 
 
+def upsample2x(x: Tensor) -> Tensor:
+    """x2 bilinear upsampling with align_corners=True, the DPT's (each output a convex mix)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
 class FeatureFusionBlock(nn.Module):
-    """Adds a refined skip input, refines, upsamples x2 (bilinear, align_corners) and projects."""
+    """Adds a refined skip input, refines, upsamples x2 (bilinear, align_corners) and projects.
+
+    The projection is a 1x1 convolution with bias and the upsampling mixes each output pixel
+    from input pixels with weights that sum to 1, so the two commute exactly (in real
+    arithmetic): projecting first costs a quarter of the multiply-adds. `plain=True` runs the
+    original's order (upsample, then project), the reference for tests and the benchmark.
+    """
 
     def __init__(self, features: int) -> None:
         super().__init__()
@@ -45,12 +56,18 @@ class FeatureFusionBlock(nn.Module):
         self.resConfUnit1 = ResidualConvUnit(features)  # unused in refinenet4, as in the original
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, skip: Tensor | None = None, *, plain: bool = False, upsample: bool = True
+    ) -> Tensor:
+        """The fused map; `upsample=False` leaves out the final upsampling (for a consumer that
+        upsamples as part of its next convolution)."""
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        if plain:
+            return self.out_conv(upsample2x(x))
+        x = self.out_conv(x)
+        return upsample2x(x) if upsample else x
 
 
 def _scratch(layer_dims: tuple[int, ...], features: int) -> nn.Module:
@@ -77,6 +94,9 @@ class DPTAdapter(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        # True: every convolution as the original writes it (the reference for the tests and
+        # `bench-backbone --compare-heads`); False: the same values with fewer multiply-adds.
+        self.plain_arithmetic = False
         self.scratch = _scratch(layer_dims, features)
         self.head = nn.Sequential(
             nn.Conv2d(features, features // 2, 3, padding=1),
@@ -127,10 +147,12 @@ class DPTAdapter(nn.Module):
             for m, post, rn in zip(maps, self.act_postprocess, scratch.layer_rn, strict=True)
         ]
         # The stride-32 branch is rounded up for odd grids; crop it to the stride-16 branch.
-        path = scratch.refinenet4(maps[3])[:, :, : maps[2].shape[2], : maps[2].shape[3]]
-        path = scratch.refinenet3(path, maps[2])
-        path = scratch.refinenet2(path, maps[1])
-        path = scratch.refinenet1(path, maps[0])
+        plain = self.plain_arithmetic
+        path = scratch.refinenet4(maps[3], plain=plain)
+        path = path[:, :, : maps[2].shape[2], : maps[2].shape[3]]
+        path = scratch.refinenet3(path, maps[2], plain=plain)
+        path = scratch.refinenet2(path, maps[1], plain=plain)
+        path = scratch.refinenet1(path, maps[0], plain=plain)
         return self.head(path)
 
 
