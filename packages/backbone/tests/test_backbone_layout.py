@@ -10,12 +10,15 @@ shape) and at its input's stride order, including size-1 dimensions.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from post3r_backbone import TTT3R, TTT3RConfig
-from post3r_backbone.benchmark import previous_layout
+from post3r_backbone.benchmark import plain_heads, previous_layout
 from post3r_backbone.dpt import DPTAdapter, token_map
 
 CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -61,24 +64,56 @@ def record_layouts(model: nn.Module) -> tuple[list[str], list]:
     return seen, handles
 
 
+@pytest.mark.parametrize("arithmetic", ["new", "plain"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_dpt_head_convolutions_run_channels_last(batch):
+def test_dpt_head_convolutions_run_channels_last(batch, arithmetic):
     torch.manual_seed(0)
     model = TTT3R(TTT3RConfig.preset("tiny")).freeze()
     seen, handles = record_layouts(model)
     frame = torch.rand(batch, 3, 48, 64)
-    with torch.inference_mode():
+    with torch.inference_mode(), plain_heads(model) if arithmetic == "plain" else nullcontext():
         out, _ = model.step(frame, model.init_state(batch), outputs="all")
     for handle in handles:
         handle.remove()
     convolutions = [
         n for n, m in model.downstream_head.named_modules() if isinstance(m, CONVOLUTIONS)
     ]
-    # Every convolution of the three adapters ran (refinenet4's resConfUnit1 is unused, as in
-    # the original; named_modules lists the aliased scratch.layer_rn.* convolutions once).
-    assert set(seen) == {n for n in convolutions if "refinenet4.resConfUnit1" not in n}
+    # Every convolution module of the three adapters ran (refinenet4's resConfUnit1 is unused,
+    # as in the original; named_modules lists the aliased scratch.layer_rn.* convolutions
+    # once), except, with the new arithmetic, the output heads' (their weights are used by
+    # `upsampled_conv3x3`, whose own convolutions the next test checks).
+    expected = {n for n in convolutions if "refinenet4.resConfUnit1" not in n}
+    if arithmetic == "new":
+        expected = {n for n in expected if ".head." not in n}
+    assert set(seen) == expected
     assert len(seen) == len(set(seen))  # each ran once
     assert out.pts3d_world.shape == (batch, 48, 64, 3)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_convolution_call_of_the_heads_runs_channels_last(batch, monkeypatch):
+    # Includes the convolutions `upsampled_conv3x3` calls directly (no module to hook).
+    conv2d = F.conv2d
+    calls = []
+    in_heads = []
+
+    def checked_conv2d(x, weight, *args, **kwargs):
+        out = conv2d(x, weight, *args, **kwargs)
+        if in_heads:  # not the encoder's patch embedding
+            assert strides_like_channels_last(x), f"input strides {x.stride()}, {tuple(x.shape)}"
+            assert out.stride() == canonical_channels_last_strides(out.shape), out.stride()
+            calls.append(tuple(weight.shape))
+        return out
+
+    torch.manual_seed(0)
+    model = TTT3R(TTT3RConfig.preset("tiny")).freeze()
+    model.downstream_head.register_forward_pre_hook(lambda *_: in_heads.append(True))
+    model.downstream_head.register_forward_hook(lambda *_: in_heads.clear())
+    monkeypatch.setattr(F, "conv2d", checked_conv2d)
+    with torch.inference_mode():
+        model.step(torch.rand(batch, 3, 48, 64), model.init_state(batch), outputs="all")
+    features = model.config.dpt_feature_dim
+    assert calls.count((features // 2, features, 1, 3)) == 3 * 3  # 3 adapters x 3 kernel rows
 
 
 def test_the_stride_rule_catches_the_batch_one_trap():

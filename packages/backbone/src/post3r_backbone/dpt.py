@@ -7,11 +7,13 @@ including the quirk that `scratch.layer_rn.{0..3}` is a second name for `scratch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from post3r_backbone.upconv import upsampled_conv3x3
 
 
 def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -152,8 +154,22 @@ class DPTAdapter(nn.Module):
         path = path[:, :, : maps[2].shape[2], : maps[2].shape[3]]
         path = scratch.refinenet3(path, maps[2], plain=plain)
         path = scratch.refinenet2(path, maps[1], plain=plain)
-        path = scratch.refinenet1(path, maps[0], plain=plain)
-        return self.head(path)
+        if plain:
+            return self.head(scratch.refinenet1(path, maps[0], plain=True))
+        path = scratch.refinenet1(path, maps[0], upsample=False)
+        return self.upsampling_head(path)
+
+    def upsampling_head(self, path: Tensor) -> Tensor:
+        """`self.head(upsample2x(path))` with both 3x3 convolutions run by `upsampled_conv3x3`
+        (each upsampling folded into the convolution after it, half the multiply-adds), the
+        ReLU and the 1x1 projection applied per band of output rows."""
+        first, second, project = (cast(nn.Conv2d, self.head[i]) for i in (0, 2, 4))
+        path = upsampled_conv3x3(path, first.weight, first.bias)
+
+        def relu_and_project(band: Tensor) -> Tensor:  # (B, rows, W, C) channels last
+            return F.linear(band.relu_(), project.weight.flatten(1), project.bias)
+
+        return upsampled_conv3x3(path, second.weight, second.bias, relu_and_project)
 
 
 def _weights_channels_last_after_load(module: DPTAdapter, incompatible_keys: object) -> None:
