@@ -1,10 +1,11 @@
 """The DPT adapters' cheaper arithmetic gives the plain convolutions' values, and is used.
 
-Two rewrites, exact in real arithmetic: the fusion blocks project (1x1 convolution) before
-upsampling instead of after, and the output head's two 3x3 convolutions fold the x2 upsampling
-in front of them into the convolution (`upconv.upsampled_conv3x3`). Checked against the plain
-path in float64 (equal to ~1e-15) and float32 (equal to rounding), at odd and even sizes and
-batch 1 and 2, and with hooks that fail if the full-resolution convolutions still run.
+Three rewrites, exact in real arithmetic: the fusion blocks project (1x1 convolution) before
+upsampling instead of after, the output head's two 3x3 convolutions fold the x2 upsampling in
+front of them into the convolution (`upconv.upsampled_conv3x3`), and the other stride-1 3x3
+convolutions run Winograd F(4x4, 3x3) on the CPU (`winograd.WinogradConv2d`). Checked against
+the plain path in float64 (equal to ~1e-12) and float32 (equal to rounding), at odd and even
+sizes and batch 1 and 2, and with hooks and counters that fail if a rewrite is not used.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from post3r_backbone import TTT3R, TTT3RConfig
+from post3r_backbone import TTT3R, TTT3RConfig, winograd
 from post3r_backbone.benchmark import plain_heads
 from post3r_backbone.dpt import DPTAdapter, FeatureFusionBlock, upsample2x
 from post3r_backbone.upconv import height_bands, upsampled_conv3x3
+from post3r_backbone.winograd import (
+    POINTS,
+    WinogradConv2d,
+    toom_cook_matrices,
+    transform_weight,
+    winograd_conv3x3,
+)
 
 SIZES = [(1, 1), (1, 4), (3, 4), (5, 7), (6, 6), (8, 3)]
 
@@ -156,3 +164,103 @@ def test_plain_heads_gives_the_same_model_outputs_and_is_restored():
     adapters = [m for m in model.modules() if isinstance(m, DPTAdapter)]
     assert len(adapters) == 3
     assert not any(adapter.plain_arithmetic for adapter in adapters)
+
+
+def test_toom_cook_matrices_give_the_correlation_exactly():
+    output, weight, inputs = toom_cook_matrices(POINTS)
+    generator = torch.Generator().manual_seed(0)
+    tile = torch.randn(6, dtype=torch.float64, generator=generator)
+    kernel = torch.randn(3, dtype=torch.float64, generator=generator)
+    expected = torch.stack([tile[i : i + 3] @ kernel for i in range(4)])
+    got = output @ ((weight @ kernel) * (inputs @ tile))
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4, 4), (5, 7), (8, 12), (13, 6)])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("band_tiles", [1, 0])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_conv3x3_equals_the_convolution_in_float64(size, batch, band_tiles, with_bias):
+    generator = torch.Generator().manual_seed(sum(size) + batch)
+    x = torch.randn(batch, 5, *size, dtype=torch.float64, generator=generator)
+    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, generator=generator)
+    bias = torch.randn(7, dtype=torch.float64, generator=generator) if with_bias else None
+    got = winograd_conv3x3(x, transform_weight(weight), bias, band_tiles)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got.stride() == torch.empty_like(expected, memory_format=torch.channels_last).stride()
+
+
+def test_winograd_rounding_in_float32_stays_near_the_direct_convolutions():
+    # About 2x the direct convolution's error (relative to the largest output), 5e-6 at most.
+    torch.manual_seed(0)
+    x = torch.randn(1, 128, 40, 44).contiguous(memory_format=torch.channels_last)
+    conv = WinogradConv2d(128, 128)
+    with torch.no_grad():
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        scale = exact.abs().max()
+        direct = (F.conv2d(x, conv.weight, conv.bias, padding=1) - exact).abs().max() / scale
+        winograd = (conv(x) - exact).abs().max() / scale
+    assert winograd <= max(3 * direct, 1e-6)
+    assert winograd <= 5e-6
+
+
+def count_winograd_calls(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+
+    def counted(x, transformed, bias, band_tiles=0):
+        calls.append(tuple(x.shape))
+        return winograd_conv3x3(x, transformed, bias, band_tiles)
+
+    monkeypatch.setattr(winograd, "winograd_conv3x3", counted)
+    return calls
+
+
+def test_winograd_conv2d_runs_winograd_only_where_it_pays_and_no_gradient_is_needed(monkeypatch):
+    calls = count_winograd_calls(monkeypatch)
+    conv = WinogradConv2d(4, 4)
+    large, small = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 31, 32)
+    with torch.no_grad():
+        conv(large)
+        conv(small)  # below MIN_PIXELS
+        conv.winograd = False
+        conv(large)
+    assert calls == [(1, 4, 32, 32)]
+    conv.winograd = True
+    conv(large)  # the weight needs a gradient: the direct convolution (autograd)
+    assert len(calls) == 1
+
+
+def test_winograd_conv2d_recomputes_its_transformed_weight_when_the_weight_changes():
+    torch.manual_seed(0)
+    conv = WinogradConv2d(4, 6).requires_grad_(False)
+    x = torch.randn(2, 4, 32, 36)
+    first = conv.transformed_weight()
+    assert conv.transformed_weight() is first  # cached
+    state = {key: torch.randn_like(value) for key, value in conv.state_dict().items()}
+    conv.load_state_dict(state)  # copied in place
+    torch.testing.assert_close(
+        conv(x), F.conv2d(x, state["weight"], state["bias"], padding=1), rtol=1e-4, atol=1e-4
+    )
+    replaced = {key: torch.randn_like(value) for key, value in state.items()}
+    conv.load_state_dict(replaced, assign=True)  # new tensors
+    torch.testing.assert_close(
+        conv(x), F.conv2d(x, replaced["weight"], replaced["bias"], padding=1), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dpt_adapter_with_winograd_everywhere_equals_its_plain_arithmetic(batch, monkeypatch):
+    # The tiny maps here are below MIN_PIXELS; lowering it runs every WinogradConv2d that way.
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+    calls = count_winograd_calls(monkeypatch)
+    adapter, tokens, image_size = adapter_and_tokens(batch, (5, 3))
+    with torch.no_grad():
+        new = adapter(tokens, image_size)
+        # refinenet1-4 with two units of two convolutions (refinenet4's first unit unused) and
+        # the four scratch.layer*_rn projections.
+        assert len(calls) == 4 * 2 * 2 - 2 + 4
+        adapter.plain_arithmetic = True
+        plain = adapter(tokens, image_size)
+    assert len(calls) == 4 * 2 * 2 - 2 + 4  # none with the plain arithmetic
+    torch.testing.assert_close(new, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())

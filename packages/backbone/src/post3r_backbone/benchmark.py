@@ -201,9 +201,11 @@ def run_configuration(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     )
     if args.compare_layout:
-        _compare_variants(args, model, pool, dtype, outputs, LAYOUTS, "heads' layout")
+        _compare_variants(args, model, pool, dtype, outputs, LAYOUTS, ("layout", "heads' layout"))
     elif args.compare_heads:
-        _compare_variants(args, model, pool, dtype, outputs, ARITHMETIC, "DPT arithmetic")
+        _compare_variants(
+            args, model, pool, dtype, outputs, ARITHMETIC, ("heads", "DPT arithmetic")
+        )
     else:
         _compare_rules(args, model, pool, dtype, outputs)
     if args.profile:
@@ -227,9 +229,16 @@ ARITHMETIC: Variants = {"new": lambda model: nullcontext(), "plain": plain_heads
 
 
 def _compare_variants(
-    args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, outputs, variants: Variants, what
+    args,
+    model: TTT3R,
+    pool: torch.Tensor,
+    dtype: torch.dtype,
+    outputs,
+    variants: Variants,
+    names: tuple[str, str],
 ) -> None:
-    """The current code vs a baseline variant, alternated `--repeats` times per length."""
+    """The current code vs a baseline variant, alternated `--repeats` times per length;
+    `names`: the table's first column and its title."""
     model.update_rule = args.rules[0]
     results = []
     for length in args.lengths:
@@ -239,18 +248,21 @@ def _compare_variants(
                     measured = stream(model, pool, length, dtype, args.warmup, outputs)
                 seconds, peak, faults, cpu = measured
                 results.append(Result(name, length, args.batch / seconds, peak, faults, cpu))
-    _print_variant_table(results, args.rules[0], what, baseline=list(variants)[-1])
+    _print_variant_table(results, args.rules[0], names, baseline=list(variants)[-1])
 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _print_variant_table(results: list[Result], rule: str, what: str, baseline: str) -> None:
+def _print_variant_table(
+    results: list[Result], rule: str, names: tuple[str, str], baseline: str
+) -> None:
     """Per variant and length: medians over runs, max peak memory, and ratios to the baseline."""
+    column, what = names
     columns = ("runs", "frames/s", "cpu s/fr", "peak MiB", "faults/fr")
     ratios = (f"fps/{baseline}", f"cpu/{baseline}", f"mem/{baseline}")
-    header = f"{'code':<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns + ratios)
+    header = f"{column:<6} {'frames':>6} " + " ".join(f"{c:>9}" for c in columns + ratios)
     print(f"{what}, {rule} rule (medians over runs; cpu: process CPU seconds per frame):")
     print(header)
     print("-" * len(header))

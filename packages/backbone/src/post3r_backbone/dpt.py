@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from post3r_backbone.upconv import upsampled_conv3x3
+from post3r_backbone.winograd import WinogradConv2d
 
 
 def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -31,8 +32,8 @@ def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
 class ResidualConvUnit(nn.Module):
     def __init__(self, features: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
-        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv1 = WinogradConv2d(features, features)
+        self.conv2 = WinogradConv2d(features, features)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(F.relu(self.conv1(F.relu(x))))
@@ -74,7 +75,7 @@ class FeatureFusionBlock(nn.Module):
 
 def _scratch(layer_dims: tuple[int, ...], features: int) -> nn.Module:
     scratch = nn.Module()
-    convs = [nn.Conv2d(dim, features, 3, padding=1, bias=False) for dim in layer_dims]
+    convs = [WinogradConv2d(dim, features, bias=False) for dim in layer_dims]
     for index, conv in enumerate(convs, start=1):
         setattr(scratch, f"layer{index}_rn", conv)
     scratch.layer_rn = nn.ModuleList(convs)  # alias names, kept for checkpoint compatibility
@@ -96,9 +97,6 @@ class DPTAdapter(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        # True: every convolution as the original writes it (the reference for the tests and
-        # `bench-backbone --compare-heads`); False: the same values with fewer multiply-adds.
-        self.plain_arithmetic = False
         self.scratch = _scratch(layer_dims, features)
         self.head = nn.Sequential(
             nn.Conv2d(features, features // 2, 3, padding=1),
@@ -125,6 +123,22 @@ class DPTAdapter(nn.Module):
         )
         self.weights_channels_last()
         self.register_load_state_dict_post_hook(_weights_channels_last_after_load)
+        self._plain_arithmetic = False
+
+    @property
+    def plain_arithmetic(self) -> bool:
+        """True: every convolution as the original writes it (the reference for the tests and
+        `bench-backbone --compare-heads`); False (default): the same values, fewer multiply-adds
+        (projections before upsampling, the output head's upsampling folded into its
+        convolutions, Winograd 3x3 convolutions on the CPU)."""
+        return self._plain_arithmetic
+
+    @plain_arithmetic.setter
+    def plain_arithmetic(self, plain: bool) -> None:
+        self._plain_arithmetic = plain
+        for module in self.modules():
+            if isinstance(module, WinogradConv2d):
+                module.winograd = not plain
 
     token_map = staticmethod(token_map)  # a class attribute so that a benchmark can swap it
 
