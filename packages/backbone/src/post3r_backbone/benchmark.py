@@ -13,7 +13,8 @@ Ratios in the same run: memory against the shortest sequence (flat = 1.00) and t
 speed against the CUT3R rule's (the cost of the gate). `--compare-layout` instead alternates the
 heads' current token-map layout with the previous one (which made the DPT convolutions run in the
 NCHW layout at batch 1) and prints the ratios new/previous; `--compare-heads` alternates the DPT
-adapters' current arithmetic with the plain one (every convolution as the original writes it).
+adapters' current arithmetic with the plain one (every convolution as the original writes it)
+and with the heads as they were before both (plain arithmetic and the previous layout).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import re
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,10 +223,22 @@ def _compare_rules(args, model: TTT3R, pool: torch.Tensor, dtype: torch.dtype, o
     _print_table(sorted(results, key=lambda r: args.rules.index(r.rule)))
 
 
+@contextmanager
+def _stacked(*contexts: AbstractContextManager[None]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 Variants = dict[str, Callable[[TTT3R], AbstractContextManager[None]]]
 # The current code first, the baseline the ratios are taken against last.
 LAYOUTS: Variants = {"new": lambda model: nullcontext(), "old": previous_layout}
-ARITHMETIC: Variants = {"new": lambda model: nullcontext(), "plain": plain_heads}
+ARITHMETIC: Variants = {
+    "new": lambda model: nullcontext(),
+    "plain": plain_heads,
+    "old": lambda model: _stacked(plain_heads(model), previous_layout(model)),
+}
 
 
 def _compare_variants(
@@ -401,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument(
         "--compare-heads",
         action="store_true",
-        help="alternate the DPT adapters' current and plain arithmetic (first --rules rule)",
+        help="alternate the DPT adapters' current arithmetic, the plain one, and the plain one "
+        "with the previous layout (first --rules rule)",
     )
     parser.add_argument(
         "--repeats",
