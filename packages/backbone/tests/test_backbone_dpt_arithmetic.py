@@ -249,6 +249,18 @@ def test_winograd_conv2d_recomputes_its_transformed_weight_when_the_weight_chang
     )
 
 
+def test_winograd_conv2d_drops_its_cache_when_moved_or_cast():
+    conv = WinogradConv2d(4, 6).requires_grad_(False)
+    x = torch.randn(1, 4, 32, 32, dtype=torch.float64)
+    conv(x.float())
+    assert conv._cached is not None
+    conv.double()
+    assert conv._cached is None
+    torch.testing.assert_close(
+        conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-12, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_dpt_adapter_with_winograd_everywhere_equals_its_plain_arithmetic(batch, monkeypatch):
     # The tiny maps here are below MIN_PIXELS; lowering it runs every WinogradConv2d that way.

@@ -126,6 +126,12 @@ class WinogradConv2d(nn.Conv2d):
         self.winograd = True
         self._cached: tuple[tuple[int, int, int], Tensor] | None = None
 
+    def _apply(self, fn, recurse=True):  # nn.Module's signature
+        # .to(), .cuda(), .double(), ...: drop the cache, not to keep a stale copy (4x the
+        # weight's size) on the old device or in the old dtype.
+        self._cached = None
+        return super()._apply(fn, recurse)
+
     def transformed_weight(self) -> Tensor:
         """The transformed weight, recomputed when the weight was replaced or changed."""
         weight = self.weight
