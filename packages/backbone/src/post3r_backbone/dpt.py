@@ -3,6 +3,10 @@
 Module names match the original `DPTOutputAdapter_fix` so checkpoint keys map one to one,
 including the quirk that `scratch.layer_rn.{0..3}` is a second name for `scratch.layer{1..4}_rn`
 (the same convolutions registered twice, so the state dict lists both).
+
+The values are the original's, computed with fewer multiply-adds unless `plain_arithmetic` is
+set: projections before upsampling (FeatureFusionBlock), the output head's upsampling folded
+into its 3x3 convolutions (`upconv`), Winograd 3x3 convolutions on the CPU (`winograd`).
 """
 
 from __future__ import annotations
