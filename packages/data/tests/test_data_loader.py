@@ -391,3 +391,25 @@ def test_urls_stream_through_webdataset_with_the_same_result(shards):
             assert torch.equal(a[name], b[name])
     train = make_train_loader(urls, batch_size=2, chunk_size=3, resolution=8, steps_per_epoch=2)
     assert [b["frames"].shape for b in train] == [(2, 3, 3, 8, 8)] * 2
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_npy_headers_are_parsed_once_and_read_as_numpy_reads_them(version):
+    import io
+
+    from post3r_data.shards import _parsed_header, decode_npy
+
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.zeros((5, 1), np.uint8)]
+    encoded = []
+    for array in arrays:
+        stream = io.BytesIO()
+        np.lib.format.write_array(stream, np.asfortranarray(array), version=version)
+        encoded.append(stream.getvalue())
+    _parsed_header.cache_clear()
+    for _ in range(3):
+        for array, data in zip(arrays, encoded, strict=True):
+            decoded = decode_npy(data)
+            assert decoded.dtype == array.dtype and np.array_equal(decoded, array)
+    assert _parsed_header.cache_info().misses == 2  # one parse per distinct header
+    with pytest.raises(ValueError):
+        decode_npy(encoded[0][:12])  # the header cut short

@@ -91,7 +91,8 @@ class MLPDecoder(nn.Module):
         first = cast(nn.Linear, self.layers[0])
         hidden = first(slots)[:, :, None, :] + F.linear(self.pos_embed, first.weight)
         for layer in self.layers[1:]:
-            hidden = layer(torch.relu(hidden))
+            # In place: `hidden` is a fresh sum or linear output whose backward does not need it.
+            hidden = layer(torch.relu_(hidden))
         features, alpha = hidden.split((self.feature_dim, 1), dim=-1)
         return features, alpha.squeeze(-1)
 
