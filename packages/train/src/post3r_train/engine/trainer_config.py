@@ -89,6 +89,9 @@ class TrainerConfig:
     # seed repeat its figures on any machine of the same CPU type, and a one-thread run does not
     # stall when other jobs take a core (a multi-threaded step waits for its slowest thread).
     cpu_threads: int | None = None
+    # A CPU run keeps freed memory for reuse instead of returning large blocks to the OS and
+    # page-faulting them in again every step (engine/allocator.py; glibc only).
+    cpu_keep_freed_memory: bool = True
     matmul_precision: str = "high"
     progress_bar: bool = True
     dist_timeout_s: int = 1800
