@@ -276,3 +276,19 @@ def test_dpt_adapter_with_winograd_everywhere_equals_its_plain_arithmetic(batch,
         plain = adapter(tokens, image_size)
     assert len(calls) == 4 * 2 * 2 - 2 + 4  # none with the plain arithmetic
     torch.testing.assert_close(new, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+def test_tables_cached_under_inference_mode_serve_a_later_backward():
+    """A first forward under inference_mode caches the head's row tables; a later forward that
+    needs gradients must still run (inference tensors cannot be saved for backward)."""
+    from post3r_backbone.upconv import height_bands, upsampled_conv3x3
+
+    height_bands.cache_clear()
+    x = torch.randn(1, 4, 5, 6)
+    weight = torch.randn(3, 4, 3, 3)
+    with torch.inference_mode():
+        upsampled_conv3x3(x, weight, None)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    upsampled_conv3x3(x, weight, None).sum().backward()
+    assert x.grad is not None and weight.grad is not None

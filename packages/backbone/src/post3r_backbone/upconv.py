@@ -63,6 +63,15 @@ def height_bands(
     n_in: int, band_rows: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Band, ...]:
     """The bands covering the 2 n_in output rows, with their weights (cached per size)."""
+    # Built as normal tensors even under inference mode: a cached inference tensor would make
+    # a later forward that needs gradients fail ("Inference tensors cannot be saved").
+    with torch.inference_mode(False):
+        return _height_bands(n_in, band_rows, device, dtype)
+
+
+def _height_bands(
+    n_in: int, band_rows: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Band, ...]:
     bands = []
     for start in range(0, 2 * n_in, band_rows):
         stop = min(start + band_rows, 2 * n_in)

@@ -137,7 +137,7 @@ class WinogradConv2d(nn.Conv2d):
         weight = self.weight
         key = (id(weight), weight.data_ptr(), weight._version)
         if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, cached
                 self._cached = (key, transform_weight(weight))
         return self._cached[1]
 
