@@ -11,7 +11,6 @@ parameters from inside the process; other C libraries are left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
@@ -21,11 +20,11 @@ KEEP_BYTES = 2**31 - 1  # trim the heap only above 2 GiB of free memory at its t
 def keep_freed_memory() -> bool:
     """Serve large blocks from the heap and keep freed ones for reuse (glibc `mallopt`).
     Returns whether the C library took both settings (False off glibc)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        # The process's own symbols: the C library it runs on, found without the subprocess
+        # that `ctypes.util.find_library` starts.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     trimmed = mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
