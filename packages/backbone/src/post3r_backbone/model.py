@@ -96,6 +96,23 @@ DEFAULT_OUTPUTS = (
     "positions",
 )
 RANGE_SLACK = 0.1  # frames may overshoot [0, 1] this much (resampling); beyond it is an error
+
+
+def check_frame_values(frames: Tensor, name: str, fix: str) -> None:
+    """Float frames, finite and in [0, 1] up to `RANGE_SLACK` (one device sync); the errors name
+    the frames `name` and end the range error with `fix`. Meta tensors have no values to check.
+    The one frame-value rule for the backbone and for post3r_train's batches."""
+    if not frames.is_floating_point():
+        raise TypeError(f"{name} must be float in [0, 1] or uint8, got {frames.dtype}")
+    if frames.is_meta:
+        return
+    low, high = torch.stack(torch.aminmax(frames.detach().float())).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise ValueError(f"{name} values span [{low:.3g}, {high:.3g}] but must be in [0, 1]{fix}")
+
+
 _HEAD_PARTS = {
     "pts3d_world": "world",
     "conf_world": "world",
@@ -472,17 +489,8 @@ class TTT3R(nn.Module):
             )
         if frame.dtype == torch.uint8 or frame.is_meta:  # meta: no values (shape-only runs)
             return
-        if not frame.is_floating_point():
-            raise TypeError(f"frame must be float in [0, 1] or uint8, got {frame.dtype}")
-        low, high = torch.stack(torch.aminmax(frame.float())).tolist()  # one device sync
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("frame contains NaN or infinite values")
-        if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
-            raise ValueError(
-                f"frame values span [{low:.3g}, {high:.3g}] but must be in [0, 1]: pass raw "
-                "frames, the backbone normalises them itself (do not pre-normalise to [-1, 1] "
-                "or with ImageNet statistics)"
-            )
+        fix = ": pass raw frames, the backbone normalises them itself (do not pre-normalise to "
+        check_frame_values(frame, "frame", fix + "[-1, 1] or with ImageNet statistics)")
 
     def _check_state(self, state: BackboneState, batch_size: int) -> None:
         """A state of this model's shape and device, for `batch_size` sequences."""

@@ -13,7 +13,6 @@ twice. All slots of all frames are decoded in one pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -24,7 +23,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from post3r_backbone.model import RANGE_SLACK
+from post3r_backbone.model import check_frame_values
 from post3r_slots import MLPDecoder, PointmapDecoder, PointmapMLPDecoder, SlotVideoProcessor
 from post3r_train.batch import Batch
 from post3r_train.config import LossConfig
@@ -374,21 +373,13 @@ def check_frames(batch: Batch, size: tuple[int, int]) -> Tensor:
 
 
 def _check_frame_values(frames: Tensor) -> None:
-    """Float frames in [0, 1] and finite, as strictly as the backbone checks its input (one
-    device sync per batch: small next to the step's own all-reduce)."""
-    if not frames.is_floating_point():
-        raise TypeError(f"batch['frames'] must be float in [0, 1] or uint8, got {frames.dtype}")
-    if frames.device.type == "meta":  # shapes only (FLOP counting): no values to check
-        return
-    low, high = torch.stack(torch.aminmax(frames.detach().float())).tolist()
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("batch['frames'] contains NaN or infinite values")
-    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
-        raise ValueError(
-            f"batch['frames'] values span [{low:.3g}, {high:.3g}] but must be in [0, 1] (or "
-            "uint8 0..255): pass raw frames divided by 255; every encoder normalises for itself "
-            "(do not pre-normalise to [-1, 1] or with ImageNet statistics)"
-        )
+    """Float frames in [0, 1] and finite, by the backbone's own rule (one device sync per batch:
+    small next to the step's own all-reduce)."""
+    fix = (
+        " (or uint8 0..255): pass raw frames divided by 255; every encoder normalises for itself "
+        "(do not pre-normalise to [-1, 1] or with ImageNet statistics)"
+    )
+    check_frame_values(frames, "batch['frames']", fix)
 
 
 def rgb_patches(frames: Tensor, grid: tuple[int, int]) -> Tensor:
