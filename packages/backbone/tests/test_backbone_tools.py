@@ -65,9 +65,16 @@ def test_benchmark_compares_the_heads_layouts(capsys):
     assert float(rows["new"][-3]) > 0
 
 
-def test_benchmark_compares_the_dpt_arithmetic(capsys):
+def test_benchmark_compares_the_dpt_arithmetic(capsys, monkeypatch):
+    from post3r_backbone import benchmark
+
+    policies: list[str] = []
+    for name in benchmark.CPU_MEMORY:
+        monkeypatch.setitem(benchmark.CPU_MEMORY, name, lambda name=name: policies.append(name))
     argv = ["--device", "cpu", "--lengths", "2", "--warmup", "0", "--compare-heads"]
     assert benchmark_main([*argv, "--set", "dec_depth=2"]) == 0
+    # The process keeps freed memory; the heads before issue 18 ran with glibc's default.
+    assert policies == ["keep", "keep", "keep", "unmap"]
     out = capsys.readouterr().out
     assert "DPT arithmetic, ttt3r rule" in out
     assert "cpu/old" in out

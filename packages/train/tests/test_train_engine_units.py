@@ -314,19 +314,3 @@ def test_srun_without_master_addr_and_gpu_without_device_are_clear_errors(monkey
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"trainer.accelerator=gpu but no CUDA/ROCm"):
             select_device("gpu", 0)
-
-
-def test_keep_freed_memory_sets_glibc_and_is_harmless_elsewhere(monkeypatch) -> None:
-    import ctypes
-    import platform
-
-    from post3r_train.engine import allocator
-
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert allocator.keep_freed_memory() is True
-
-    def no_libc(name):
-        raise OSError("no C library")
-
-    monkeypatch.setattr(ctypes, "CDLL", no_libc)
-    assert allocator.keep_freed_memory() is False

@@ -15,6 +15,11 @@ heads' current token-map layout with the previous one (which made the DPT convol
 NCHW layout at batch 1) and prints the ratios new/previous; `--compare-heads` alternates the DPT
 adapters' current arithmetic with the plain one (every convolution as the original writes it)
 and with the heads as they were before both (plain arithmetic and the previous layout).
+
+On the CPU the process keeps freed memory for reuse (`allocator.keep_freed_memory`, as post3r's
+CPU apps do; `--cpu-memory unmap` for glibc's default). `--compare-heads`' "old" variant runs
+under glibc's default, as the code before issue 18 did, and every variant starts from a trimmed
+heap, so that one variant's peak memory does not count what another kept.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from post3r_backbone.allocator import keep_freed_memory, release_free_memory, unmap_freed_memory
 from post3r_backbone.config import TTT3RConfig
 from post3r_backbone.dpt import DPTAdapter
 from post3r_backbone.errors import TTT3RConfigError
@@ -83,6 +89,19 @@ def previous_layout(model: TTT3R) -> Iterator[None]:
         for adapter in model.modules():
             if isinstance(adapter, DPTAdapter):
                 adapter.weights_channels_last()
+
+
+CPU_MEMORY = {"keep": keep_freed_memory, "unmap": unmap_freed_memory}
+
+
+@contextmanager
+def cpu_memory(model: TTT3R, policy: str) -> Iterator[None]:
+    """A CPU model runs under the glibc allocator `policy` ("keep" or "unmap"), from a trimmed
+    heap; the policy stays set afterwards (the next variant sets its own)."""
+    if model.device.type == "cpu":
+        release_free_memory()
+        CPU_MEMORY[policy]()
+    yield
 
 
 @contextmanager
@@ -235,9 +254,11 @@ Variants = dict[str, Callable[[TTT3R], AbstractContextManager[None]]]
 # The current code first, the baseline the ratios are taken against last.
 LAYOUTS: Variants = {"new": lambda model: nullcontext(), "old": previous_layout}
 ARITHMETIC: Variants = {
-    "new": lambda model: nullcontext(),
-    "plain": plain_heads,
-    "old": lambda model: _stacked(plain_heads(model), previous_layout(model)),
+    "new": lambda model: cpu_memory(model, "keep"),
+    "plain": lambda model: _stacked(cpu_memory(model, "keep"), plain_heads(model)),
+    "old": lambda model: _stacked(
+        cpu_memory(model, "unmap"), plain_heads(model), previous_layout(model)
+    ),
 }
 
 
@@ -398,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N frames")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--cpu-memory",
+        choices=sorted(CPU_MEMORY),
+        default="keep",
+        help="glibc allocator policy on the CPU: keep freed memory for reuse (post3r's CPU apps) "
+        "or unmap it (glibc's default); --compare-heads' old variant always unmaps",
+    )
+    parser.add_argument(
         "--set",
         type=_override,
         nargs="+",
@@ -415,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-heads",
         action="store_true",
         help="alternate the DPT adapters' current arithmetic, the plain one, and the plain one "
-        "with the previous layout (first --rules rule)",
+        "with the previous layout and glibc's default allocator policy (first --rules rule)",
     )
     parser.add_argument(
         "--repeats",
@@ -431,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--set: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device in ("auto", "cpu"):
+        CPU_MEMORY[args.cpu_memory]()
 
     runs = []
     if args.device in ("auto", "cpu"):

@@ -100,6 +100,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
     from post3r_backbone import TTT3R, TTT3RConfig, load_checkpoint
+    from post3r_backbone.allocator import keep_freed_memory_for
+
+    keep_freed_memory_for(args.device)  # each frame re-allocates the same large maps
 
     if args.checkpoint is not None:
         model = load_checkpoint(args.checkpoint, device=args.device)

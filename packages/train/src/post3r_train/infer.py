@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from post3r_backbone.allocator import keep_freed_memory_for
 from post3r_train.config import ConfigError
 from post3r_train.infer_writer import InferWriter, check_output_folder
 from post3r_train.teacher import TTT3RTeacher
@@ -279,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(output)
         _, model, checkpoint = load_run(args.run, config=args.config)
         device = torch.device(args.device)
+        keep_freed_memory_for(device)  # each frame re-allocates the same large maps
         model.to(device)
         writer = InferWriter(
             output,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from post3r_backbone.allocator import keep_freed_memory_for
 from post3r_train.config import ConfigError, load_config
 from post3r_train.console import CONSOLE_ERRORS, report_error
 from post3r_train.errors import TeacherCacheError
@@ -472,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or cache_dir(cfg, args.data_dir)
     try:
         device = select_device(accelerator, local_rank)
+        if cfg.trainer.cpu_keep_freed_memory:  # each frame re-allocates the same large maps
+            keep_freed_memory_for(device)
         summary = build_cache(
             cfg,
             args.data_dir,

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from post3r_train.engine.allocator import keep_freed_memory
+from post3r_backbone.allocator import keep_freed_memory_for
 from post3r_train.engine.batches import (
     BatchStream,
     TrainLoaderFactory,
@@ -210,8 +210,8 @@ class Trainer:
         torch.set_float32_matmul_precision(trainer.matmul_precision)
         if trainer.cpu_threads is not None and env.device.type == "cpu":
             torch.set_num_threads(trainer.cpu_threads)
-        if trainer.cpu_keep_freed_memory and env.device.type == "cpu":
-            keep_freed_memory()
+        if trainer.cpu_keep_freed_memory:
+            keep_freed_memory_for(env.device)
         if trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.module = module.to(env.device)

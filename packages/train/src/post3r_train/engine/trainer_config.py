@@ -90,7 +90,7 @@ class TrainerConfig:
     # stall when other jobs take a core (a multi-threaded step waits for its slowest thread).
     cpu_threads: int | None = None
     # A CPU run keeps freed memory for reuse instead of returning large blocks to the OS and
-    # page-faulting them in again every step (engine/allocator.py; glibc only).
+    # page-faulting them in again every step (post3r_backbone/allocator.py; glibc only).
     cpu_keep_freed_memory: bool = True
     matmul_precision: str = "high"
     progress_bar: bool = True
