@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: kernel tests, bench-rope2d, bench-backbone, bench-train, one summary table
+# The GPU check: kernel tests, bench-rope2d, bench-backbone (plus --compare-heads), bench-train, one summary table
 # (post3r_train/gpu_check.py has the steps and their time limits). `--cpu-tiny`: the CPU form.
 # On ROCm, export UV_NO_SYNC=1 first (README: GPUs) so that `uv run` keeps ROCm's torch.
 set -euo pipefail

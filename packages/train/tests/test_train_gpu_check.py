@@ -30,6 +30,29 @@ ttt3r      16      45.1      22.2      6120      1.00       n/a
 ttt3r      64      44.8      22.3      6121      1.00       n/a
 """  # noqa: E501
 
+HEADS_OUTPUT = """\
+
+ttt3r_512 on NVIDIA H200: 384x512 (HxW), batch 1, autocast bf16, 805.5 M parameters (3073 MiB), torch 2.15.0, 16 CPU threads
+DPT arithmetic, ttt3r rule (medians over runs; cpu: process CPU seconds per frame):
+heads  frames      runs  frames/s  cpu s/fr  peak MiB faults/fr   fps/old   cpu/old   mem/old
+---------------------------------------------------------------------------------------------
+new        16         3    41.200      0.03      6100        12      1.21      0.85      0.93
+plain      16         3    36.000      0.03      6500        12      1.06      0.95      0.99
+old        16         3    34.000      0.04      6550        13      1.00      1.00      1.00
+"""  # noqa: E501
+
+
+def test_heads_rows_per_variant_against_the_heads_before() -> None:
+    rows = gpu_check.parse_heads(HEADS_OUTPUT)
+    assert [row.item for row in rows] == [
+        "ttt3r_512 bf16 384x512 DPT heads new (now), 16 frames",
+        "ttt3r_512 bf16 384x512 DPT heads plain (original's convolutions), 16 frames",
+        "ttt3r_512 bf16 384x512 DPT heads old (before issue 18), 16 frames",
+    ]
+    assert rows[0].result == "41.2 frames/s (x1.21 of old), peak 6100 MiB (x0.93 of old)"
+    assert gpu_check.parse_heads(BACKBONE_OUTPUT) == []  # the rules table is not this one
+
+
 TRAIN_OUTPUT = """\
 torch 2.15.0+cu132, 1 CPU threads
 case                   device  batch BxTxHxW     steps/s  ms/step frozen %  peak GiB  train M
@@ -48,9 +71,10 @@ def test_cpu_form_runs_every_step_and_prints_one_table_with_all_rows() -> None:
     table = result.stdout.split("GPU check summary:")[-1].splitlines()
     rows = [line.split() for line in table[3:] if line.strip()]
     found = {(row[0], row[1]) for row in rows}
-    for step in ("kernels", "rope2d", "backbone", "train", "memory"):
+    for step in ("kernels", "rope2d", "backbone", "heads", "train", "memory"):
         assert (step, OK) in found, report
     assert sum(row[0] == "backbone" for row in rows) == 2  # one row per sequence length
+    assert sum(row[0] == "heads" for row in rows) == 3  # new, plain, old
     assert "passed" in next(line for line in table if line.startswith("kernels"))
     cached = [line for line in table if "cached" in line]
     assert cached, report  # the cached teacher is measured, or said to be missing

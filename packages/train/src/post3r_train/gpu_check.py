@@ -1,8 +1,9 @@
 """`bash scripts/gpu-check.sh [--cpu-tiny]`: the GPU path tested and measured in one run, one table.
 
 Steps, in order, each a subprocess with its own time limit (7 minutes in all, for an 8-minute
-budget on an H200): the Triton kernel tests on the device (1 min), `bench-rope2d` (1.5 min),
-`bench-backbone` with ttt3r_512 at 512x384 bf16 over 16/64/256 frames (2.5 min), `bench-train`
+budget on an H200): the Triton kernel tests on the device (1 min), `bench-rope2d` (75 s),
+`bench-backbone` with ttt3r_512 at 512x384 bf16 over 16/64/256 frames (2 min), its DPT heads'
+arithmetic now, plain and before issue 18 (`--compare-heads`, 45 s), `bench-train`
 with ytvis2021 at batch 4, 11 slots, clips of 6, online and cached teacher (2 min). Alongside,
 on the CPU, the memory estimate `apps/doctor` makes for that training step with each teacher,
 so the table shows it next to the measured peaks. `--cpu-tiny` runs the same steps on the CPU
@@ -132,6 +133,34 @@ def parse_backbone(output: str) -> list[Row]:
     return rows
 
 
+_HEADS_ROW = re.compile(
+    r"^(new|plain|old)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([\d.]+)\s+(\S+)\s+(\S+)"
+)
+_HEADS_MEANING = {"new": "now", "plain": "original's convolutions", "old": "before issue 18"}
+
+
+def parse_heads(output: str) -> list[Row]:
+    """bench-backbone --compare-heads: frames/s and peak memory of each variant of the DPT
+    heads, against the heads before issue 18 (the "old" variant)."""
+    rows, title = [], "heads"
+    for line in output.splitlines():
+        if head := _BACKBONE_HEAD.match(line.strip()):
+            preset, _, size, dtype = head.groups()
+            title = f"{preset} {dtype.removeprefix('autocast ')} {size}"
+        elif row := _HEADS_ROW.match(line):
+            name, frames, _, fps, _, peak, _, speed, _, memory = row.groups()
+            rows.append(
+                Row(
+                    "heads",
+                    OK,
+                    f"{title} DPT heads {name} ({_HEADS_MEANING[name]}), {frames} frames",
+                    f"{float(fps):.1f} frames/s (x{speed} of old), peak {peak} MiB "
+                    f"(x{memory} of old)",
+                )
+            )
+    return rows
+
+
 _TRAIN_LABELS = re.compile(r"steps/s|ms/step|frozen %|peak GiB|train M|samples/s|[^\s]+")
 _TRAIN_ROW = re.compile(r"^(.+?)\s+(cpu|cuda\S*)\s+(\d+)x(\d+)x(\d+)x(\d+)\s+(.*)$")
 
@@ -200,6 +229,10 @@ def gpu_steps() -> list[Step]:
         "--device cuda --preset ttt3r_512 --size 384x512 --dtype bf16 --lengths 16 64 256 "
         "--rules ttt3r"
     )
+    heads = (
+        "--device cuda --preset ttt3r_512 --size 384x512 --dtype bf16 --lengths 16 "
+        "--warmup 3 --compare-heads --repeats 3"
+    )
     train = "--config ytvis2021 --device cuda --steps 5 --warmup 2 --compare-teachers"
     return [
         Step(
@@ -208,8 +241,9 @@ def gpu_steps() -> list[Step]:
             60,
             parse_pytest("kernels", "triton_kernel_cases.py on the GPU"),
         ),
-        Step("rope2d", app("bench-rope2d", *rope.split()), 90, parse_rope2d),
-        Step("backbone", app("bench-backbone", *backbone.split()), 150, parse_backbone),
+        Step("rope2d", app("bench-rope2d", *rope.split()), 75, parse_rope2d),
+        Step("backbone", app("bench-backbone", *backbone.split()), 120, parse_backbone),
+        Step("heads", app("bench-backbone", *heads.split()), 45, parse_heads),
         Step("train", app("bench-train", *train.split(), *TRAIN_SETTING), 120, parse_train),
     ]
 
@@ -219,6 +253,7 @@ def tiny_steps() -> list[Step]:
     (steadier on a busy machine); bench-train's --compare-teachers shrinks ytvis2021 itself."""
     rope = "--device cpu --shapes 2,64,2,16 --dtypes fp32 --impls torch --reps 2 --warmup 1"
     backbone = "--device cpu --preset tiny --size 32x32 --lengths 2 4 --rules ttt3r --warmup 1"
+    heads = "--device cpu --preset tiny --size 32x32 --lengths 2 --warmup 1 --compare-heads"
     train = "--config ytvis2021 --device cpu --steps 2 --warmup 1 --threads 1 --compare-teachers"
     return [
         Step(
@@ -235,6 +270,7 @@ def tiny_steps() -> list[Step]:
             240,
             parse_backbone,
         ),
+        Step("heads", app("bench-backbone", *heads.split(), "--threads", "1"), 240, parse_heads),
         Step("train", app("bench-train", *train.split(), *TRAIN_SETTING), 300, parse_train),
     ]
 
