@@ -60,27 +60,27 @@ def test_unknown_names_fail_clearly(registry: list[str], monkeypatch: pytest.Mon
         rope2d(X, POS, impl=1)  # type: ignore[arg-type]
 
 
-def test_auto_picks_torch_on_cpu(registry: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_rope2d_impl(None, X) == "torch"
-    assert resolve_rope2d_impl("auto", X) == "torch"
+def test_auto_picks_eager_on_cpu(registry: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_rope2d_impl(None, X) == "eager"
+    assert resolve_rope2d_impl("auto", X) == "eager"
     monkeypatch.setenv("POST3R_ROPE2D_IMPL", "auto")
-    assert resolve_rope2d_impl(None, X) == "torch"
-    assert resolve_rope2d_impl(None, torch.empty(1, 1, 1, 4, device="meta")) == "torch"
+    assert resolve_rope2d_impl(None, X) == "eager"
+    assert resolve_rope2d_impl(None, torch.empty(1, 1, 1, 4, device="meta")) == "eager"
 
 
 def test_auto_picks_triton_for_gpu_tensors_when_installed(registry: list[str]) -> None:
     gpu_like = torch.empty(1, 1, 1, 4, device="meta")
     # The decision reads only device type, dtype and whether triton is importable.
-    assert dispatch.auto_impl(gpu_like) == "torch"
+    assert dispatch.auto_impl(gpu_like) == "eager"
     fake_cuda = type("FakeCuda", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
-    expected = "triton" if dispatch.TRITON_INSTALLED else "torch"
+    expected = "triton" if dispatch.TRITON_INSTALLED else "eager"
     assert dispatch.auto_impl(fake_cuda) == expected  # type: ignore[arg-type]
     fake_cuda.dtype = torch.float64
-    assert dispatch.auto_impl(fake_cuda) == "torch"  # type: ignore[arg-type]
+    assert dispatch.auto_impl(fake_cuda) == "eager"  # type: ignore[arg-type]
 
 
 def test_registry_rejects_bad_registrations(registry: list[str]) -> None:
-    assert rope2d_impls()[:3] == ("torch", "triton", "compiled")
+    assert rope2d_impls()[:4] == ("torch", "triton", "compiled", "eager")
     assert "spy" in rope2d_impls() and rope2d_impls()[-1] == "auto"
     with pytest.raises(ValueError, match="already registered"):
         register_rope2d_impl("spy", post3r_kernels.rope2d_torch)
@@ -142,7 +142,7 @@ NO_TRITON_SCRIPT = textwrap.dedent(
 
     x, pos = torch.randn(1, 2, 3, 8), torch.zeros(1, 3, 2, dtype=torch.long)
     torch.testing.assert_close(rope2d(x, pos), x)
-    assert resolve_rope2d_impl("auto", x) == "torch"
+    assert resolve_rope2d_impl("auto", x) == "eager"
     try:
         rope2d(x, pos, impl="triton")
     except RuntimeError as error:

@@ -290,7 +290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtypes", default="bf16,fp32", help=f"comma-separated: {','.join(DTYPES)}"
     )
-    parser.add_argument("--impls", default="torch,compiled,triton", help="comma-separated names")
+    parser.add_argument(
+        "--impls", default="torch,eager,compiled,triton", help="comma-separated names"
+    )
     parser.add_argument("--reps", type=int, help="timed calls per figure (default: 50 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (compiles)")
     parser.add_argument(

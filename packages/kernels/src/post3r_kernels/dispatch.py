@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from post3r_kernels.eager import rope2d_eager
 from post3r_kernels.reference import rope2d_torch
 from post3r_kernels.validation import check_rope2d_inputs
 
@@ -66,11 +67,11 @@ TRITON_INSTALLED = _triton_installed()
 
 
 def auto_impl(x: torch.Tensor) -> str:
-    """What `"auto"` picks for `x`: Triton on CUDA/ROCm devices (if installed), else torch."""
+    """What `"auto"` picks for `x`: Triton on CUDA/ROCm devices (if installed), else eager."""
     on_gpu = x.device.type == "cuda"  # ROCm builds of torch also report "cuda"
     if on_gpu and x.dtype in TRITON_DTYPES and TRITON_INSTALLED and "triton" in _REGISTRY:
         return "triton"
-    return "torch"
+    return "eager"
 
 
 def resolve_rope2d_impl(impl: str | None, x: torch.Tensor) -> str:
@@ -134,3 +135,4 @@ def _compiled_impl(x: torch.Tensor, positions: torch.Tensor, base: float) -> tor
 register_rope2d_impl("torch", rope2d_torch)
 register_rope2d_impl("triton", _triton_impl)
 register_rope2d_impl("compiled", _compiled_impl)
+register_rope2d_impl("eager", rope2d_eager)

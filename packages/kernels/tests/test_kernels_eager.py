@@ -1,0 +1,69 @@
+"""The eager implementation against the original code's outputs, the reference and float64 math."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from post3r_kernels import rope2d, rope2d_eager, rope2d_torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+INPUTS = torch.load(FIXTURES / "inputs.pt", weights_only=True)
+EXPECTED = torch.load(FIXTURES / "expected.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_eager_matches_original_outputs(name: str) -> None:
+    case, expected = INPUTS[name], EXPECTED[name]
+    out = rope2d(case["tokens"], case["positions"], case["base"], impl="eager")
+    assert out.dtype == case["tokens"].dtype
+    tolerance = 1e-3 if case["tokens"].dtype == torch.float16 else 2e-6
+    torch.testing.assert_close(out, expected["out"], rtol=1e-6, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_eager_is_the_reference_up_to_one_rounding(dtype: torch.dtype) -> None:
+    """Backbone-shaped q (a strided slice of a fused qkv); float64 math is the oracle."""
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 48, 3, 4, 64, generator=generator).to(dtype)
+    q = qkv[:, :, 0].transpose(1, 2)
+    positions = torch.randint(-1, 40, (2, 48, 2), generator=generator)
+    exact = rope2d_torch(q.double(), positions)
+    eager, reference = rope2d_eager(q, positions), rope2d_torch(q, positions)
+    assert eager.dtype == dtype and eager.shape == q.shape
+    rounding = torch.finfo(dtype).eps * exact.abs().amax()
+    assert (eager.double() - reference.double()).abs().max() <= rounding
+    # Both compute their angles in float32; eager is no further from the float64 math.
+    reference_error = (reference.double() - exact).abs().max()
+    assert (eager.double() - exact).abs().max() <= reference_error + rounding
+
+
+def test_eager_float64_matches_the_reference() -> None:
+    x = torch.randn(2, 3, 11, 12, dtype=torch.float64)
+    positions = torch.randint(-5, 9, (2, 11, 2))
+    torch.testing.assert_close(rope2d_eager(x, positions, 7.0), rope2d_torch(x, positions, 7.0))
+
+
+def test_eager_leaves_its_input_alone_and_inverts() -> None:
+    x = torch.randn(1, 2, 9, 16)
+    before = x.clone()
+    positions = torch.randint(0, 5, (1, 9, 2))
+    back = rope2d_eager(rope2d_eager(x, positions), -positions)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(back, x, atol=1e-6, rtol=1e-6)
+
+
+def test_eager_differentiates_through_the_reference() -> None:
+    """In-place writes have no gradients: with autograd recording it runs the reference."""
+    x = torch.randn(1, 2, 9, 16, requires_grad=True)
+    positions = torch.randint(-1, 5, (1, 9, 2))
+    weights = torch.randn(1, 2, 9, 16)
+    (rope2d_eager(x, positions) * weights).sum().backward()
+    assert x.grad is not None
+    expected = x.detach().clone().requires_grad_()
+    (rope2d_torch(expected, positions) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not rope2d_eager(x, positions).requires_grad
