@@ -9,11 +9,17 @@ from post3r_kernels import benchmark
 
 def test_benchmark_prints_a_row_per_implementation(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--device", "cpu", "--shapes", "1,10,2,8", "--dtypes", "fp32,bf16"]
-    assert benchmark.main([*argv, "--impls", "torch,triton", "--reps", "2", "--warmup", "1"]) == 0
+    impls = ["--impls", "torch,eager,triton"]
+    assert benchmark.main([*argv, *impls, "--reps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "triton implementation needs a CUDA or ROCm GPU" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("   1    10")]
-    assert [(row[4], row[5]) for row in rows] == [("fp32", "torch"), ("bf16", "torch")]
+    assert [(row[4], row[5]) for row in rows] == [
+        ("fp32", "torch"),
+        ("fp32", "eager"),
+        ("bf16", "torch"),
+        ("bf16", "eager"),
+    ]
     assert out.count("GB/s device copy") == 2
     for row in rows:  # times of forward and forward+backward, then their bandwidths
         assert float(row[8]) > 0 and float(row[15]) > 0

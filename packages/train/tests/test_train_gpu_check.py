@@ -14,7 +14,7 @@ from post3r_train.gpu_check import FAILED, OK, TIMEOUT, Step
 
 ROPE2D_OUTPUT = """\
 device: NVIDIA H200 (torch 2.15.0, triton 3.9.0) | reps=50
- B*T     N   H   D dtype      impl | fwd       µs   GB/s %copy ×eager  ×comp | fwd+bwd       µs   GB/s %copy ×eager  ×comp
+ B*T     N   H   D dtype      impl | fwd       µs   GB/s %copy ×torch  ×comp | fwd+bwd       µs   GB/s %copy ×torch  ×comp
                     bf16      copy | 3900.0 GB/s device copy
   32   768  16  64  bf16     torch | fwd    120.0  420.0  10.8   1.00      - | fwd+bwd    300.0  336.0   8.6   1.00      -
   32   768  16  64  bf16  compiled | fwd     40.0 1260.0  32.3   3.00   1.00 | fwd+bwd     90.0 1120.0  28.7   3.33   1.00
@@ -84,8 +84,8 @@ def test_rope2d_rows_take_the_triton_figures_with_copy_share_and_speedups() -> N
     (row,) = gpu_check.parse_rope2d(ROPE2D_OUTPUT)
     assert row.item == "triton bf16 32x768x16x64"
     assert row.result == (
-        "fwd 3.15e+03 GB/s = 80.8 % of copy, x7.50 eager, x2.50 compile | "
-        "fwd+bwd 3.05e+03 GB/s = 78.3 % of copy, x9.09 eager, x2.73 compile"
+        "fwd 3.15e+03 GB/s = 80.8 % of copy, x7.50 torch, x2.50 compile | "
+        "fwd+bwd 3.05e+03 GB/s = 78.3 % of copy, x9.09 torch, x2.73 compile"
     )
 
 

@@ -40,7 +40,8 @@ class ResidualConvUnit(nn.Module):
         self.conv2 = WinogradConv2d(features, features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        # conv1's output is a fresh tensor, so its ReLU can run in place (x must stay intact).
+        return x + self.conv2(self.conv1(F.relu(x)).relu_())
 
 
 def upsample2x(x: Tensor) -> Tensor:

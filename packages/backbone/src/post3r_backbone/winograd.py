@@ -84,7 +84,7 @@ def winograd_conv3x3(
     out_channels = transformed.shape[-1]
     rows, columns = math.ceil(height / OUT), math.ceil(width / OUT)
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view for a channels_last x
-    padded = F.pad(pixels, (0, 0, 1, OUT * columns + 1 - width, 1, OUT * rows + 1 - height))
+    right = OUT * columns + 1 - width  # zero columns: the padding and up to a whole tile
     to_input = INPUT_TRANSFORM.to(device=x.device, dtype=x.dtype)
     to_output = OUTPUT_TRANSFORM.to(device=x.device, dtype=x.dtype)
     out = x.new_empty(batch, rows, OUT, columns, OUT, out_channels)
@@ -92,7 +92,11 @@ def winograd_conv3x3(
     band_rows = max(1, per_band // (batch * columns))
     for start in range(0, rows, band_rows):
         stop = min(start + band_rows, rows)
-        band = padded[:, OUT * start : OUT * stop + TILE - OUT]
+        # The band's rows of the zero-padded map, padded here rather than the whole map at
+        # once, so that the padded copy is still in cache when its tiles are read.
+        top, bottom = OUT * start - 1, OUT * stop + TILE - OUT - 1
+        first, last = max(top, 0), min(bottom, height)
+        band = F.pad(pixels[:, first:last], (0, 0, 1, right, first - top, bottom - last))
         tiles = band.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (B, rows, columns, C, 6, 6)
         tiles = tiles.permute(4, 5, 0, 1, 2, 3).reshape(TILE * TILE, -1)  # copied once
         spectra = (to_input @ tiles).view(TILE * TILE, -1, channels)  # (36, tiles, C)

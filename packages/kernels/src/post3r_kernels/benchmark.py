@@ -142,7 +142,7 @@ def implementations(names: Sequence[str]) -> dict[str, Rope]:
     return chosen
 
 
-_METRICS = f"{'µs':>8} {'GB/s':>6} {'%copy':>5} {'×eager':>6} {'×comp':>6}"
+_METRICS = f"{'µs':>8} {'GB/s':>6} {'%copy':>5} {'×torch':>6} {'×comp':>6}"
 HEADER = (
     f"{'B*T':>4} {'N':>5} {'H':>3} {'D':>3} {'dtype':>5} {'impl':>9} "
     f"| fwd {_METRICS} | fwd+bwd {_METRICS}"

@@ -93,8 +93,8 @@ def _rope_figures(text: str) -> str:
     values = text.split()
     if values[0] == "-":
         return "-"
-    _, gbps, share, eager, compiled = values
-    versus = f", x{eager} eager" + (f", x{compiled} compile" if compiled != "-" else "")
+    _, gbps, share, reference, compiled = values
+    versus = f", x{reference} torch" + (f", x{compiled} compile" if compiled != "-" else "")
     return f"{float(gbps):.3g} GB/s = {share} % of copy{versus}"
 
 
