@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -71,10 +72,22 @@ def test_benchmark_compares_the_dpt_arithmetic(capsys, monkeypatch):
     policies: list[str] = []
     for name in benchmark.CPU_MEMORY:
         monkeypatch.setitem(benchmark.CPU_MEMORY, name, lambda name=name: policies.append(name))
+    ropes: list[str | None] = []
+    stream = benchmark.stream
+
+    def recorded_stream(*args, **kwargs):
+        ropes.append(os.environ.get("POST3R_ROPE2D_IMPL"))
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "stream", recorded_stream)
+    monkeypatch.delenv("POST3R_ROPE2D_IMPL", raising=False)
     argv = ["--device", "cpu", "--lengths", "2", "--warmup", "0", "--compare-heads"]
     assert benchmark_main([*argv, "--set", "dec_depth=2"]) == 0
-    # The process keeps freed memory; the heads before issue 18 ran with glibc's default.
+    # The process keeps freed memory; the code before issue 18 ran with glibc's default and
+    # the reference RoPE2D, restored afterwards.
     assert policies == ["keep", "keep", "keep", "unmap"]
+    assert ropes == [None, None, "torch"]
+    assert "POST3R_ROPE2D_IMPL" not in os.environ
     out = capsys.readouterr().out
     assert "DPT arithmetic, ttt3r rule" in out
     assert "cpu/old" in out

@@ -17,9 +17,11 @@ adapters' current arithmetic with the plain one (every convolution as the origin
 and with the heads as they were before both (plain arithmetic and the previous layout).
 
 On the CPU the process keeps freed memory for reuse (`allocator.keep_freed_memory`, as post3r's
-CPU apps do; `--cpu-memory unmap` for glibc's default). `--compare-heads`' "old" variant runs
-under glibc's default, as the code before issue 18 did, and every variant starts from a trimmed
-heap, so that one variant's peak memory does not count what another kept.
+CPU apps do; `--cpu-memory unmap` for glibc's default). `--compare-heads`' "old" variant is the
+code before issue 18 as a whole: the previous layout, the plain arithmetic, glibc's default
+allocator policy and the reference RoPE2D (`impl="torch"`; "new" and "plain" use the default,
+`eager` on the CPU). Every variant starts from a trimmed heap, so that one variant's peak memory
+does not count what another kept.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from post3r_backbone.dpt import DPTAdapter
 from post3r_backbone.errors import TTT3RConfigError
 from post3r_backbone.heads import LinearHead
 from post3r_backbone.model import TTT3R
+from post3r_kernels import ENV_VAR
 from post3r_kernels.timing import synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,6 +95,20 @@ def previous_layout(model: TTT3R) -> Iterator[None]:
 
 
 CPU_MEMORY = {"keep": keep_freed_memory, "unmap": unmap_freed_memory}
+
+
+@contextmanager
+def rope_impl(name: str) -> Iterator[None]:
+    """RoPE2D runs implementation `name` inside (through POST3R_ROPE2D_IMPL, read per call)."""
+    saved = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = saved
 
 
 @contextmanager
@@ -257,7 +274,10 @@ ARITHMETIC: Variants = {
     "new": lambda model: cpu_memory(model, "keep"),
     "plain": lambda model: _stacked(cpu_memory(model, "keep"), plain_heads(model)),
     "old": lambda model: _stacked(
-        cpu_memory(model, "unmap"), plain_heads(model), previous_layout(model)
+        cpu_memory(model, "unmap"),
+        plain_heads(model),
+        previous_layout(model),
+        rope_impl("torch"),  # the reference: the only one before the eager implementation
     ),
 }
 
