@@ -20,6 +20,9 @@ from torch import nn
 from post3r_backbone import TTT3R, TTT3RConfig, winograd
 from post3r_backbone.benchmark import plain_heads, previous_layout
 from post3r_backbone.dpt import DPTAdapter, token_map
+from post3r_backbone.layers import PatchEmbed
+
+PATCH_TOKENS = PatchEmbed.forward
 
 CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -172,6 +175,28 @@ def test_the_previous_layout_gives_the_same_outputs_and_is_restored(overrides, b
         torch.testing.assert_close(getattr(new, name), getattr(old, name), rtol=1e-6, atol=1e-6)
         assert torch.equal(getattr(new, name), getattr(again, name)), name
     assert DPTAdapter.token_map is token_map
+    assert PatchEmbed.forward is PATCH_TOKENS
     for module in model.downstream_head.modules():
         if isinstance(module, nn.Conv2d):
             assert module.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_encoders_residual_stream_is_contiguous(batch):
+    """Patch tokens, and so every encoder block's sums and LayerNorms, in row-major order: a
+    transposed stream (the patch embedding's plain `flatten(2).transpose(1, 2)`) is what
+    every elementwise op downstream would follow."""
+    torch.manual_seed(0)
+    model = TTT3R(TTT3RConfig.preset("tiny")).freeze()
+    image = torch.rand(batch, 3, 48, 64) * 2 - 1
+    streams: list[torch.Tensor] = []
+    for block in model.enc_blocks:
+        block.register_forward_hook(lambda module, args, out: streams.append(out))
+    with torch.inference_mode():
+        tokens, _ = model.encode_image(image)
+        assert model.patch_embed(image).is_contiguous()
+        with previous_layout(model):
+            assert not model.patch_embed(image).is_contiguous()  # the trap the fix avoids
+            old, _ = model.encode_image(image)
+    assert streams and all(x.is_contiguous() for x in streams[: len(model.enc_blocks)])
+    assert torch.equal(tokens, old)  # the layout changes no value

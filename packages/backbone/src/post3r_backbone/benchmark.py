@@ -45,6 +45,7 @@ from post3r_backbone.config import TTT3RConfig
 from post3r_backbone.dpt import DPTAdapter
 from post3r_backbone.errors import TTT3RConfigError
 from post3r_backbone.heads import LinearHead
+from post3r_backbone.layers import PatchEmbed
 from post3r_backbone.model import TTT3R
 from post3r_kernels import ENV_VAR
 from post3r_kernels.timing import synchronize
@@ -70,18 +71,24 @@ def _old_unshuffle(features: torch.Tensor, grid: tuple[int, int], p: int) -> tor
     return F.pixel_shuffle(features.transpose(1, 2).unflatten(2, grid), p)
 
 
+def _old_patch_tokens(self: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
 @contextmanager
 def previous_layout(model: TTT3R) -> Iterator[None]:
-    """The heads as before the layout fix, for a same-run comparison only.
+    """The layouts as before issue 18, for a same-run comparison only.
 
     Token maps built as `transpose(1, 2).unflatten(2, grid)` (same values; at batch 1 its
     strides made every DPT convolution run in the NCHW layout), the linear head's
-    `pixel_shuffle` on such a map, and convolution weights stored NCHW.
+    `pixel_shuffle` on such a map, convolution weights stored NCHW, and the patch embedding's
+    tokens left as a transposed view (the encoder's residual stream then ran transposed).
     """
-    saved = DPTAdapter.token_map, LinearHead.unshuffle
+    saved = DPTAdapter.token_map, LinearHead.unshuffle, PatchEmbed.forward
     convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     setattr(DPTAdapter, "token_map", staticmethod(_old_token_map))  # noqa: B010 (a method)
     setattr(LinearHead, "unshuffle", staticmethod(_old_unshuffle))  # noqa: B010
+    setattr(PatchEmbed, "forward", _old_patch_tokens)  # noqa: B010
     for conv in convolutions:
         conv.weight.data = conv.weight.data.contiguous()
     try:
@@ -89,6 +96,7 @@ def previous_layout(model: TTT3R) -> Iterator[None]:
     finally:
         setattr(DPTAdapter, "token_map", staticmethod(saved[0]))  # noqa: B010
         setattr(LinearHead, "unshuffle", staticmethod(saved[1]))  # noqa: B010
+        setattr(PatchEmbed, "forward", saved[2])  # noqa: B010
         for adapter in model.modules():
             if isinstance(adapter, DPTAdapter):
                 adapter.weights_channels_last()

@@ -199,4 +199,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens: the transposed view would carry its layout into every residual sum
+        # of the encoder (an elementwise op's output follows its first input's strides), and
+        # each block's adds and LayerNorms would then run on a transposed stream, several
+        # times slower on the CPU (issue 18).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
