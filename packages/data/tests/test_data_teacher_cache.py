@@ -86,6 +86,12 @@ def test_a_failed_shard_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shard_left_with_an_unfinished_video_is_not_published(tmp_path):
+    with SidecarShardWriter(tmp_path / "s.tar") as writer:
+        writer.begin_video("v", 3, (2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_crop_indices_are_an_exact_crop_at_the_same_resolution():
     rows, cols = crop_indices((2, 5, 8, 8), (12, 20), (12, 20), (8, 8))
     np.testing.assert_array_equal(rows, np.arange(2, 10))
