@@ -52,7 +52,7 @@ def test_cpu_only_environment_passes_and_says_no_device() -> None:
     assert lines["python"].startswith("ok") and lines["torch"].startswith("ok")
     assert lines["gpus"].startswith("skip") and "no device" in lines["gpus"]
     assert lines["rope2d kernel"].startswith("skip") and "no device" in lines["rope2d kernel"]
-    assert "torch for bf16 on cpu (auto)" in lines["rope2d impl"]
+    assert "eager for bf16 on cpu (auto)" in lines["rope2d impl"]
     assert "config" not in lines  # no CONFIG: the environment only
     assert out.rstrip().endswith("all checks ok")
 

@@ -26,7 +26,6 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from post3r_data.shards import member_file, write_json_atomic
-from post3r_io import atomic_path
+from post3r_io import fsync_directory
 
 CACHE_INFO = "teacher-cache.json"
 FORMAT_VERSION = 1
@@ -149,16 +148,16 @@ class SidecarShardWriter:
             for ...: video.add(pointmap, confidence, camera_to_world)
             shard.end_video()
 
-    The shard is written by post3r_io's rule (a temporary file in the same folder, fsync'ed,
-    renamed into place, the folder fsync'ed) on a clean exit; on an exception, or with a video
-    left unfinished, nothing is left at `path`. Tar headers carry fixed times and owners, so
-    the same outputs give the same bytes.
+    The shard is written to `<path>.tmp`, fsync'ed, renamed into place and its folder fsync'ed
+    on a clean exit; on an exception, or with a video left unfinished, nothing is left at
+    `path`. The temporary name is fixed (not post3r_io's unique one) so that a build killed
+    mid-shard leaves a file its resumed build overwrites, not an orphan. Tar headers carry fixed
+    times and owners, so the same outputs give the same bytes.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._publish = ExitStack()
-        self.tmp = self._publish.enter_context(atomic_path(self.path))
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp, "wb")  # noqa: SIM115 -- closed in __exit__
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._video: _VideoSpool | None = None
@@ -195,16 +194,20 @@ class SidecarShardWriter:
         self._video = None
 
     def __exit__(self, kind, error, traceback) -> None:
-        unfinished = self._video is not None
-        if unfinished:
+        if self._video is not None:
             self._video.close()
         try:
             self._tar.close()
+            if kind is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
-        if kind is None and unfinished:  # atomic_path drops its file when given an error
-            kind, error = RuntimeError, RuntimeError(f"{self.path}: a video was not finished")
-        self._publish.__exit__(kind, error, traceback)
+        if kind is None and self._video is None:
+            os.replace(self.tmp, self.path)
+            fsync_directory(self.path.parent)  # the rename itself survives a crash
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_record(sidecar: str | os.PathLike, record: dict[str, Any]) -> None:
