@@ -4,12 +4,12 @@ The reference (`rope2d_torch`) is written for reading: four products of half-wid
 difference, a sum and a stack, about ten passes over token-sized memory, most with 16-wide inner
 loops. Here the rotation is `x * cos + swap(x) * sin` over whole rows: `swap` exchanges the two
 halves of each axis's pair (one copy), and the cos and sin rows (sin negated on the first half of
-each pair) are built once per call for the N positions, so three passes remain (`swap`, `mul`,
-`addcmul_`), each over contiguous rows of D. Per element it is the reference's arithmetic: two
-rounded products and a rounded sum, or one fused multiply-add (the `addcmul_` kernel may fuse),
-so results agree with the reference to the last bit or one rounding. In the TTT3R backbone on
-the CPU it saves about 2-4 % of a frame's CPU time (`bench-backbone`). Autograd differentiates
-it like any composition of torch ops (the in-place `addcmul_` acts on a fresh tensor).
+each pair) are built once per call for the N positions, so four passes remain (`swap`, two
+products, a sum, the last two in place), each over contiguous rows of D. Per element it is the
+reference's arithmetic, two rounded products and a rounded sum (negating sin is exact), so the
+results are the reference's bit for bit. In the TTT3R backbone on the CPU it saves about 2-4 %
+of a frame's CPU time (`bench-backbone`). Autograd differentiates it like any composition of
+torch ops (the in-place steps act on fresh tensors).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def rope2d_eager(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0) 
     cos_rows, sin_rows = rotation_rows(positions, base, x.shape[-1], math_dtype)
     quarter = x.shape[-1] // 4
     swapped = tokens.unflatten(-1, (2, 2, quarter)).flip(-2).flatten(-3)  # (v, u) per pair
+    # Two rounded products and a rounded sum, as the reference: `addcmul_` would fuse them into
+    # one multiply-add and move results by a last bit, and with them every figure measured
+    # with the reference (training runs included).
     rotated = torch.mul(tokens, cos_rows)
-    rotated.addcmul_(swapped, sin_rows)
+    rotated.add_(swapped.mul_(sin_rows))
     return rotated.to(x.dtype)
