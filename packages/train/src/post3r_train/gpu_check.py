@@ -119,13 +119,20 @@ _BACKBONE_HEAD = re.compile(r"^(\S+) on (.+?): (\d+x\d+) \(HxW\).*?(autocast \w+
 _BACKBONE_ROW = re.compile(r"^(ttt3r|cut3r)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)\s+(\S+)")
 
 
+def _backbone_title(line: str) -> str | None:
+    """ "<preset> <dtype> <HxW>" from a bench-backbone configuration line, else None."""
+    if head := _BACKBONE_HEAD.match(line.strip()):
+        preset, _, size, dtype = head.groups()
+        return f"{preset} {dtype.removeprefix('autocast ')} {size}"
+    return None
+
+
 def parse_backbone(output: str) -> list[Row]:
     """Frames/s and peak memory per sequence length."""
     rows, title = [], "backbone"
     for line in output.splitlines():
-        if head := _BACKBONE_HEAD.match(line.strip()):
-            preset, _, size, dtype = head.groups()
-            title = f"{preset} {dtype.removeprefix('autocast ')} {size}"
+        if heading := _backbone_title(line):
+            title = heading
         elif row := _BACKBONE_ROW.match(line):
             rule, frames, fps, _, peak, ratio = row.groups()
             result = f"{float(fps):.1f} frames/s, peak {peak} MiB (x{ratio} of the shortest)"
@@ -144,9 +151,8 @@ def parse_heads(output: str) -> list[Row]:
     heads, against the heads before issue 18 (the "old" variant)."""
     rows, title = [], "heads"
     for line in output.splitlines():
-        if head := _BACKBONE_HEAD.match(line.strip()):
-            preset, _, size, dtype = head.groups()
-            title = f"{preset} {dtype.removeprefix('autocast ')} {size}"
+        if heading := _backbone_title(line):
+            title = heading
         elif row := _HEADS_ROW.match(line):
             name, frames, _, fps, _, peak, _, speed, _, memory = row.groups()
             rows.append(
