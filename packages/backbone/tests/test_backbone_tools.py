@@ -103,3 +103,21 @@ def test_benchmark_compares_one_thing_at_a_time(capsys):
         benchmark_main(["--device", "cpu", "--compare-layout", "--compare-heads"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_previous_rope_is_what_auto_picked_before_the_eager_implementation(monkeypatch):
+    import torch
+
+    from post3r_backbone import TTT3RConfig, benchmark
+
+    model = benchmark.random_model(TTT3RConfig.preset("tiny"), torch.device("cpu"))
+    monkeypatch.delenv("POST3R_ROPE2D_IMPL", raising=False)
+    with benchmark.previous_rope(model):  # CPU: auto picks eager now, the reference before
+        assert os.environ["POST3R_ROPE2D_IMPL"] == "torch"
+    assert "POST3R_ROPE2D_IMPL" not in os.environ
+    monkeypatch.setattr(benchmark, "auto_impl", lambda x: "triton")  # a GPU: unchanged
+    with benchmark.previous_rope(model):
+        assert "POST3R_ROPE2D_IMPL" not in os.environ
+    monkeypatch.setenv("POST3R_ROPE2D_IMPL", "eager")  # the user's choice stays
+    with benchmark.previous_rope(model):
+        assert os.environ["POST3R_ROPE2D_IMPL"] == "eager"

@@ -19,9 +19,9 @@ and with the heads as they were before both (plain arithmetic and the previous l
 On the CPU the process keeps freed memory for reuse (`allocator.keep_freed_memory`, as post3r's
 CPU apps do; `--cpu-memory unmap` for glibc's default). `--compare-heads`' "old" variant is the
 code before issue 18 as a whole: the previous layout, the plain arithmetic, glibc's default
-allocator policy and the reference RoPE2D (`impl="torch"`; "new" and "plain" use the default,
-`eager` on the CPU). Every variant starts from a trimmed heap, so that one variant's peak memory
-does not count what another kept.
+allocator policy and RoPE2D as `auto` chose it then (the reference on the CPU, where "new" and
+"plain" get `eager`; Triton on a GPU in all three). Every variant starts from a trimmed heap,
+so that one variant's peak memory does not count what another kept.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from post3r_backbone.errors import TTT3RConfigError
 from post3r_backbone.heads import LinearHead
 from post3r_backbone.layers import PatchEmbed
 from post3r_backbone.model import TTT3R
-from post3r_kernels import ENV_VAR
+from post3r_kernels import ENV_VAR, auto_impl
 from post3r_kernels.timing import synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,17 +106,20 @@ CPU_MEMORY = {"keep": keep_freed_memory, "unmap": unmap_freed_memory}
 
 
 @contextmanager
-def rope_impl(name: str) -> Iterator[None]:
-    """RoPE2D runs implementation `name` inside (through POST3R_ROPE2D_IMPL, read per call)."""
+def previous_rope(model: TTT3R) -> Iterator[None]:
+    """RoPE2D as `auto` picked it before the eager implementation: the reference (`torch`)
+    wherever `auto` now picks `eager` (the CPU), Triton on a GPU as before. Set through
+    POST3R_ROPE2D_IMPL, which `rope2d` reads at every call, unless that already names one."""
+    probe = torch.empty(1, 1, 1, 4, device=model.device)
     saved = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
+    if saved is not None or auto_impl(probe) != "eager":
+        yield
+        return
+    os.environ[ENV_VAR] = "torch"
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = saved
+        del os.environ[ENV_VAR]
 
 
 @contextmanager
@@ -285,7 +288,7 @@ ARITHMETIC: Variants = {
         cpu_memory(model, "unmap"),
         plain_heads(model),
         previous_layout(model),
-        rope_impl("torch"),  # the reference: the only one before the eager implementation
+        previous_rope(model),
     ),
 }
 
