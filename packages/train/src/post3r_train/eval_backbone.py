@@ -100,9 +100,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
     from post3r_backbone import TTT3R, TTT3RConfig, load_checkpoint
-    from post3r_backbone.allocator import keep_freed_memory_for
-
-    keep_freed_memory_for(args.device)  # each frame re-allocates the same large maps
 
     if args.checkpoint is not None:
         model = load_checkpoint(args.checkpoint, device=args.device)
@@ -190,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    from post3r_backbone.allocator import keep_freed_memory_for
     from post3r_data import find_shards, make_val_loader
 
+    keep_freed_memory_for(args.device)  # each frame re-allocates the same large maps
     try:
         shards = find_shards(args.data_dir, args.dataset, args.split)
         model = build_backbone(args)
