@@ -34,6 +34,7 @@ from typing import cast
 import torch
 from omegaconf import DictConfig
 
+from post3r_backbone.allocator import keep_freed_memory_for
 from post3r_kernels.timing import synchronize
 from post3r_train.batch import Batch
 from post3r_train.config import frame_size, load_config, trainer_config
@@ -146,7 +147,10 @@ def make_train_step(
 def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> Result:
     device = torch.device(case.device)
     cfg = load_config(case.config, [*RANDOM_FROZEN, *case.overrides, *overrides])
-    precision = trainer_config(cfg).precision_mode
+    trainer = trainer_config(cfg)
+    precision = trainer.precision_mode
+    if trainer.cpu_keep_freed_memory:  # as the trainer does: the step it times is the trainer's
+        keep_freed_memory_for(device)
     model, batch, train_step = make_train_step(cfg, device)
 
     @torch.no_grad()
