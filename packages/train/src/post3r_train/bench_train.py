@@ -124,8 +124,13 @@ def make_train_step(
     cfg: DictConfig, device: torch.device
 ) -> tuple[POST3RModel, Batch, Callable[[], None]]:
     """The model, a synthetic batch, and one training step on it (forward under the config's
-    precision, backward, AdamW) as a call: what the benchmarks time."""
-    precision = trainer_config(cfg).precision_mode
+    precision, backward, AdamW) as a call: what the benchmarks time. On a CPU the process keeps
+    freed memory for reuse when the config's trainer does (`trainer.cpu_keep_freed_memory`),
+    so that the step runs as in training."""
+    trainer = trainer_config(cfg)
+    if trainer.cpu_keep_freed_memory:
+        keep_freed_memory_for(device)
+    precision = trainer.precision_mode
     torch.manual_seed(0)
     model = POST3RModel.from_config(cfg).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,10 +152,7 @@ def make_train_step(
 def run_case(case: Case, steps: int, warmup: int, overrides: Sequence[str]) -> Result:
     device = torch.device(case.device)
     cfg = load_config(case.config, [*RANDOM_FROZEN, *case.overrides, *overrides])
-    trainer = trainer_config(cfg)
-    precision = trainer.precision_mode
-    if trainer.cpu_keep_freed_memory:  # as the trainer does: the step it times is the trainer's
-        keep_freed_memory_for(device)
+    precision = trainer_config(cfg).precision_mode
     model, batch, train_step = make_train_step(cfg, device)
 
     @torch.no_grad()
