@@ -51,11 +51,14 @@ def test_evaluate_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert code == 1 and "nothing" in err
 
 
-def test_bench_train_prints_a_table():
+def test_bench_train_prints_a_table(monkeypatch):
+    policies: list[str] = []  # the timed step runs as the trainer's: freed memory kept on a CPU
+    monkeypatch.setattr(bench_train, "keep_freed_memory_for", lambda d: policies.append(str(d)))
     code, out, err = call(
         bench_train.main, ["--config", "smoke", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     )
     assert code == 0, err
+    assert policies == ["cpu"]
     header, _, row = out.strip().splitlines()[1:4]
     assert "steps/s" in header and "peak" in header
     assert row.startswith("smoke") and float(row.split()[-5]) > 0
