@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(CPU_MEMORY),
         default="keep",
         help="glibc allocator policy on the CPU: keep freed memory for reuse (post3r's CPU apps) "
-        "or unmap it (glibc's default); --compare-heads' old variant always unmaps",
+        "or unmap it (glibc's default); --compare-heads sets its own per variant (new and "
+        "plain keep, old unmaps)",
     )
     parser.add_argument(
         "--set",

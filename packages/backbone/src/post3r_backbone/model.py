@@ -489,8 +489,11 @@ class TTT3R(nn.Module):
             )
         if frame.dtype == torch.uint8 or frame.is_meta:  # meta: no values (shape-only runs)
             return
-        fix = ": pass raw frames, the backbone normalises them itself (do not pre-normalise to "
-        check_frame_values(frame, "frame", fix + "[-1, 1] or with ImageNet statistics)")
+        fix = (
+            ": pass raw frames, the backbone normalises them itself (do not pre-normalise to "
+            "[-1, 1] or with ImageNet statistics)"
+        )
+        check_frame_values(frame, "frame", fix)
 
     def _check_state(self, state: BackboneState, batch_size: int) -> None:
         """A state of this model's shape and device, for `batch_size` sequences."""
