@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from post3r_kernels.reference import compute_dtype, inverse_frequencies
+from post3r_kernels.reference import compute_dtype, rotation_angles
 
 
 def rotation_rows(
@@ -24,9 +24,7 @@ def rotation_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, N, D) cos and signed sin rows: dims j and j + Q of each axis's half turn together,
     the first of the pair by `u cos - v sin`, the second by `v cos + u sin`."""
-    quarter = head_dim // 4
-    inv_freq = inverse_frequencies(quarter, base, positions.device, dtype)
-    angles = positions.to(dtype)[:, None, :, :, None] * inv_freq  # (B, 1, N, axis, Q)
+    angles = rotation_angles(positions, head_dim // 4, base, dtype)  # (B, 1, N, axis, Q)
     cos, sin = angles.cos(), angles.sin()
     cos_rows = torch.stack((cos, cos), dim=-2).flatten(-3)  # (B, 1, N, axis * pair * Q)
     sin_rows = torch.stack((-sin, sin), dim=-2).flatten(-3)

@@ -27,6 +27,14 @@ def inverse_frequencies(
     return 1.0 / (base ** (j / quarter))
 
 
+def rotation_angles(
+    positions: torch.Tensor, quarter: int, base: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, 1, N, 2, Q) angles, one per token, axis (y then x) and frequency."""
+    inv_freq = inverse_frequencies(quarter, base, positions.device, dtype)
+    return positions.to(dtype)[:, None, :, :, None] * inv_freq
+
+
 def rope2d_torch(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0) -> torch.Tensor:
     """Rotate `x` (B, H, N, D) by integer `positions` (B, N, 2) = (y, x); returns a new tensor.
 
@@ -35,9 +43,7 @@ def rope2d_torch(x: torch.Tensor, positions: torch.Tensor, base: float = 100.0) 
     """
     quarter = x.shape[-1] // 4
     math_dtype = compute_dtype(x.dtype)
-    inv_freq = inverse_frequencies(quarter, base, x.device, math_dtype)
-    # (B, 1, N, 2, Q): one angle per token, axis (y then x) and frequency.
-    angles = positions.to(math_dtype)[:, None, :, :, None] * inv_freq
+    angles = rotation_angles(positions, quarter, base, math_dtype)
     cos, sin = angles.cos(), angles.sin()
     halves = x.to(math_dtype).unflatten(-1, (2, 2, quarter))  # (B, H, N, axis, pair half, Q)
     u, v = halves[..., 0, :], halves[..., 1, :]
